@@ -1,0 +1,80 @@
+# osv5m: the PostgreSQL extension (PGXS), the osv5m command-line tool and
+# the C tests of the core, all from one Makefile.
+#
+#   make                 the extension (osv5m.so) and the tool (./osv5m)
+#   make install         both, into the PostgreSQL found by pg_config
+#   make check-core      C unit and fidelity tests of the core
+#   make check-asan      the same under AddressSanitizer + UBSan
+#   test/run             the whole suite (see README)
+
+EXTENSION = osv5m
+MODULE_big = osv5m
+DATA = osv5m--0.1.0.sql
+PGFILEDESC = "osv5m - photo geolocation with the OSV-5M baseline model"
+
+CORE_SRCS = $(sort $(wildcard src/core/*.c))
+CORE_OBJS = $(CORE_SRCS:.c=.o)
+PG_SRCS = $(sort $(wildcard src/pg/*.c))
+OBJS = $(CORE_OBJS) $(PG_SRCS:.c=.o)
+
+# -march=native: the extension is built on the machine that runs it; the
+# vectorised kernels (layer norm, GELU, softmax) are a large part of the time
+# left over after the matrix products.  Override with OSV_ARCH= for a
+# portable build.
+OSV_ARCH ?= -march=native
+OSV_LIBS = -ljpeg -lpng -lopenblas -lm
+
+PG_CPPFLAGS = -Isrc/core
+PG_CFLAGS = -std=gnu11 -O3 $(OSV_ARCH)
+SHLIB_LINK = $(OSV_LIBS)
+
+REGRESS = $(patsubst sql/%.sql,%,$(sort $(wildcard sql/*.sql)))
+REGRESS_OPTS = --inputdir=. --outputdir=build/regress
+
+EXTRA_CLEAN = osv5m build src/cli/*.o
+
+PG_CONFIG ?= pg_config
+PGXS := $(shell $(PG_CONFIG) --pgxs)
+include $(PGXS)
+
+# ---- the command-line tool ------------------------------------------------
+
+all: osv5m
+
+src/cli/osv5m.o: src/cli/osv5m.c src/core/osv5m.h
+	$(CC) $(CPPFLAGS) -Isrc/core $(CFLAGS) -std=gnu11 -O3 $(OSV_ARCH) -c -o $@ $<
+
+osv5m: src/cli/osv5m.o $(CORE_OBJS)
+	$(CC) $(CFLAGS) -o $@ $^ $(OSV_LIBS)
+
+$(CORE_OBJS): src/core/osv5m.h src/core/internal.h
+
+install: install-cli
+.PHONY: install-cli
+install-cli: osv5m
+	$(MKDIR_P) '$(DESTDIR)$(bindir)'
+	$(INSTALL_PROGRAM) osv5m '$(DESTDIR)$(bindir)/osv5m'
+
+# ---- C tests of the core ----------------------------------------------------
+# Built outside PGXS: plain (-O2) and under sanitizers, each in its own folder.
+
+TEST_CFLAGS = -std=gnu11 -g -Wall -Wextra -Wno-unused-parameter -Isrc/core -Itest/unit
+UNIT_SRCS = $(sort $(wildcard test/unit/test_*.c))
+UNIT_SUPPORT = $(filter-out $(UNIT_SRCS),$(wildcard test/unit/*.c))
+
+build/plain/%: test/unit/%.c $(UNIT_SUPPORT) $(CORE_SRCS) src/core/osv5m.h src/core/internal.h
+	@mkdir -p $(dir $@)
+	$(CC) $(TEST_CFLAGS) -O2 $(OSV_ARCH) -o $@ $< $(UNIT_SUPPORT) $(CORE_SRCS) $(OSV_LIBS)
+
+build/asan/%: test/unit/%.c $(UNIT_SUPPORT) $(CORE_SRCS) src/core/osv5m.h src/core/internal.h
+	@mkdir -p $(dir $@)
+	$(CC) $(TEST_CFLAGS) -O1 -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all -o $@ $< $(UNIT_SUPPORT) $(CORE_SRCS) $(OSV_LIBS)
+
+UNIT_NAMES = $(patsubst test/unit/%.c,%,$(UNIT_SRCS))
+
+.PHONY: check-core check-asan
+check-core: $(addprefix build/plain/,$(UNIT_NAMES))
+	@test/unit/run-all build/plain $(UNIT_NAMES)
+
+check-asan: $(addprefix build/asan/,$(UNIT_NAMES))
+	@ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 test/unit/run-all build/asan $(UNIT_NAMES)

@@ -1,0 +1,228 @@
+/*
+ * internal.h: declarations shared between the files of the core, and only
+ * them.  Nothing here is part of the public API in osv5m.h.
+ *
+ * Ownership: the loader (model.c) fills struct osv_model; the network
+ * (network.c, context.c) only reads it.  Every weight pointer points either
+ * into the read-only mapping of model.safetensors (F32 tensors) or into
+ * model->converted (F16/BF16 tensors widened to F32 at load time).
+ */
+#ifndef OSV5M_INTERNAL_H
+#define OSV5M_INTERNAL_H
+
+#include "osv5m.h"
+
+/* ---- errors ---------------------------------------------------------- */
+
+/* Fill err (if not NULL) with status and a printf-style message; returns status. */
+osv_status	osv_fail(osv_error *err, osv_status status, const char *fmt,...)
+			__attribute__((format(printf, 3, 4)));
+
+/* Set err->detail (codec text); keeps status and message. */
+void		osv_fail_detail(osv_error *err, const char *fmt,...)
+			__attribute__((format(printf, 2, 3)));
+
+/* ---- size arithmetic with overflow checks ---------------------------- */
+
+/* *out = a * b; false on overflow. */
+static inline bool
+osv_mul_size(size_t a, size_t b, size_t *out)
+{
+	return !__builtin_mul_overflow(a, b, out);
+}
+
+/* ---- half precision ---------------------------------------------------- */
+
+float		osv_f16_to_f32(uint16_t h);
+float		osv_bf16_to_f32(uint16_t h);
+
+/* ---- JSON (json.c) ------------------------------------------------------
+ * A small validating JSON reader for the safetensors header and config.json.
+ * The parsed tree is a flat array of nodes owned by osv_json; strings are
+ * unescaped copies.  Depth and size are bounded.
+ */
+typedef enum osv_json_type
+{
+	OSV_JSON_NULL,
+	OSV_JSON_FALSE,
+	OSV_JSON_TRUE,
+	OSV_JSON_NUMBER,
+	OSV_JSON_STRING,
+	OSV_JSON_ARRAY,
+	OSV_JSON_OBJECT
+} osv_json_type;
+
+typedef struct osv_json_node
+{
+	osv_json_type type;
+	double		number;			/* OSV_JSON_NUMBER */
+	const char *string;			/* OSV_JSON_STRING, NUL-terminated */
+	size_t		string_len;
+	const char *key;			/* member name when the parent is an object */
+	int			num_children;	/* arrays and objects */
+	int			first_child;	/* index of the first child, -1 if none */
+	int			next_sibling;	/* index of the next sibling, -1 if none */
+	int			parent;			/* -1 for the root */
+} osv_json_node;
+
+typedef struct osv_json
+{
+	osv_json_node *nodes;		/* nodes[0] is the root */
+	int			num_nodes;
+	char	   *strings;		/* arena of unescaped strings */
+} osv_json;
+
+osv_status	osv_json_parse(const char *text, size_t len, osv_json *out,
+						   osv_error *err);
+void		osv_json_free(osv_json *json);
+/* The member named key of object node obj, or -1. */
+int			osv_json_get(const osv_json *json, int obj, const char *key);
+/* The index-th element of array node arr, or -1. */
+int			osv_json_at(const osv_json *json, int arr, int index);
+
+/* ---- safetensors (safetensors.c) --------------------------------------- */
+
+#define OSV_MAX_DIMS 8
+
+typedef struct osv_tensor
+{
+	const char *name;
+	osv_dtype	dtype;
+	int			ndim;
+	int64_t		shape[OSV_MAX_DIMS];
+	uint64_t	num_elements;
+	const void *data;			/* inside the mapping / buffer */
+	size_t		nbytes;
+} osv_tensor;
+
+typedef struct osv_safetensors
+{
+	void	   *map;			/* mmap'ed file, or NULL when parsed from memory */
+	size_t		map_size;
+	osv_json	header;
+	osv_tensor *tensors;
+	int			num_tensors;
+} osv_safetensors;
+
+/*
+ * Validate and index a safetensors image held in buf[0..size).  Checks the
+ * header length, the JSON, each dtype, shape and byte range against size,
+ * that the ranges do not overlap, and shape x dtype size == byte range.
+ * Tensors of any dtype are indexed; the model loader decides which it takes.
+ */
+osv_status	osv_safetensors_parse(const uint8_t *buf, size_t size,
+								  osv_safetensors *out, osv_error *err);
+/* mmap path read-only and parse it. */
+osv_status	osv_safetensors_open(const char *path, osv_safetensors *out,
+								 osv_error *err);
+void		osv_safetensors_close(osv_safetensors *st);
+const osv_tensor *osv_safetensors_find(const osv_safetensors *st,
+									   const char *name);
+
+/* ---- model configuration (config.c) ----------------------------------- */
+
+typedef struct osv_config
+{
+	/* 0 / negative = not given: derive from shapes or use the default */
+	int			hidden_size;
+	int			num_layers;
+	int			num_heads;
+	int			intermediate_size;
+	int			patch_size;
+	int			image_size;
+	int			hidden_act;		/* -1 unset, else osv_activation */
+	double		layer_norm_eps; /* < 0 unset */
+	bool		has_mean,
+				has_std;
+	float		image_mean[3];
+	float		image_std[3];
+	double		scale_tanh;		/* < 0 unset */
+	char		quadtree_file[256]; /* base name of quadtree_path, or "" */
+} osv_config;
+
+/* Defaults of osv5m/baseline; everything "unset". */
+void		osv_config_init(osv_config *config);
+/* Parse config.json: flat CLIPVisionConfig keys and the authors' nested form. */
+osv_status	osv_config_parse(const char *text, size_t len, osv_config *config,
+							 osv_error *err);
+
+/* ---- quadtree (quadtree.c) -------------------------------------------- */
+
+/*
+ * Parse the quadtree CSV (header cluster_id,min_lat,min_lon,max_lat,max_lon,
+ * mean_lat,mean_lon; row i is class i).  *cells is malloc'ed.
+ */
+osv_status	osv_quadtree_parse(const char *text, size_t len, osv_cell **cells,
+							   int *num_cells, osv_error *err);
+
+/* ---- the model (model.c) ----------------------------------------------- */
+
+/* One pre-norm transformer block, under encoder.layers.{i}. */
+typedef struct osv_layer
+{
+	const float *layer_norm1_weight;	/* [D] */
+	const float *layer_norm1_bias;	/* [D] */
+	const float *q_proj_weight;		/* [D, D] */
+	const float *q_proj_bias;		/* [D] */
+	const float *k_proj_weight;		/* [D, D] */
+	const float *k_proj_bias;		/* [D] */
+	const float *v_proj_weight;		/* [D, D] */
+	const float *v_proj_bias;		/* [D] */
+	const float *out_proj_weight;	/* [D, D] */
+	const float *out_proj_bias;		/* [D] */
+	const float *layer_norm2_weight;	/* [D] */
+	const float *layer_norm2_bias;	/* [D] */
+	const float *fc1_weight;		/* [F, D] */
+	const float *fc1_bias;			/* [F] */
+	const float *fc2_weight;		/* [D, F] */
+	const float *fc2_bias;			/* [D] */
+} osv_layer;
+
+/* One MLPCentroid branch, mid.classif or mid.reg (nn.Sequential indices). */
+typedef struct osv_branch
+{
+	const float *norm_weight;	/* .0 LayerNorm [D] */
+	const float *norm_bias;		/* .0 [D] */
+	const float *fc1_weight;	/* .1 Linear [H1, D] */
+	const float *fc1_bias;		/* .1 [H1] */
+	const float *gn1_weight;	/* .2 GroupNorm(4) [H1] */
+	const float *gn1_bias;		/* .2 [H1] */
+	const float *fc2_weight;	/* .4 Linear [H2, H1] */
+	const float *fc2_bias;		/* .4 [H2] */
+	const float *gn2_weight;	/* .5 GroupNorm(4) [H2] */
+	const float *gn2_bias;		/* .5 [H2] */
+	const float *out_weight;	/* .7 Linear [out_dim, H2] */
+	const float *out_bias;		/* .7 [out_dim] */
+	int			out_dim;		/* C for classif, 2C for reg */
+} osv_branch;
+
+#define OSV_GROUPNORM_GROUPS 4
+
+struct osv_model
+{
+	osv_model_info info;
+
+	/* backbone.clip.vision_model.embeddings */
+	const float *class_embedding;	/* [D] */
+	const float *patch_embedding;	/* [D, 3, P, P] = [D, 3 P P] */
+	const float *position_embedding;	/* [T, D], T = (S/P)^2 + 1 */
+	const float *pre_layrnorm_weight;	/* [D] */
+	const float *pre_layrnorm_bias; /* [D] */
+	osv_layer  *layers;			/* [num_layers] */
+
+	osv_branch	classif;		/* mid.classif */
+	osv_branch	reg;			/* mid.reg */
+
+	osv_cell   *cells;			/* [num_cells], degrees */
+
+	/* storage */
+	osv_safetensors weights;
+	float	   *converted;		/* F16/BF16 tensors widened to F32, or NULL */
+};
+
+/* ---- the run state (context.c, network.c) ---------------------------- */
+
+/* Current time in seconds, monotonic. */
+double		osv_now(void);
+
+#endif							/* OSV5M_INTERNAL_H */

@@ -1,0 +1,240 @@
+/*
+ * osv5m.h: the public C API of the osv5m inference core.
+ *
+ * The core turns image bytes into the coordinates predicted by the OSV-5M
+ * baseline model (a CLIP ViT image encoder, two MLP branches and a hybrid
+ * quadtree-cell classification and regression head).  It is pure C11 over
+ * libjpeg-turbo, libpng and OpenBLAS: it never exits, aborts, logs or
+ * longjmps to its caller.  Every fallible function returns an osv_status and
+ * fills a caller-owned osv_error with a specific message.
+ *
+ * Objects:
+ *   osv_model    read-only weights (mmap'ed), hyperparameters and quadtree;
+ *                shareable by any number of contexts.
+ *   osv_context  the run state of one caller: activations allocated once,
+ *                and the results of the last run.  Not thread-safe; use one
+ *                per thread.
+ */
+#ifndef OSV5M_H
+#define OSV5M_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C"
+{
+#endif
+
+#define OSV_VERSION "0.1.0"
+
+/* Default decode limit: 50 megapixels, a little over a 8K x 6K photo. */
+#define OSV_DEFAULT_MAX_PIXELS ((uint64_t) 50 * 1000 * 1000)
+
+typedef enum osv_status
+{
+	OSV_OK = 0,
+	OSV_ERR_NOMEM,				/* an allocation failed */
+	OSV_ERR_IO,					/* a file could not be opened, read or mapped */
+	OSV_ERR_MODEL,				/* the model files are malformed */
+	OSV_ERR_IMAGE_UNSUPPORTED,	/* the bytes are not a JPEG or PNG we can read */
+	OSV_ERR_IMAGE_CORRUPT,		/* a JPEG or PNG that the codec rejects */
+	OSV_ERR_LIMIT,				/* the image exceeds a configured limit */
+	OSV_ERR_ABORTED,			/* the abort callback asked to stop */
+	OSV_ERR_ARGUMENT			/* the caller passed an invalid argument */
+} osv_status;
+
+typedef struct osv_error
+{
+	osv_status	status;
+	char		message[512];	/* one line, lower case, no final period */
+	char		detail[512];	/* codec or parser text; may be empty */
+} osv_error;
+
+/* A short lower-case name of a status, e.g. "corrupt image". */
+const char *osv_status_name(osv_status status);
+
+typedef enum osv_activation
+{
+	OSV_ACT_GELU,				/* exact GELU, 0.5 x (1 + erf(x / sqrt 2)) */
+	OSV_ACT_QUICK_GELU			/* x * sigmoid(1.702 x), OpenAI CLIP */
+} osv_activation;
+
+typedef enum osv_dtype
+{
+	OSV_DTYPE_F32,
+	OSV_DTYPE_F16,
+	OSV_DTYPE_BF16,
+	OSV_DTYPE_F64,
+	OSV_DTYPE_I64,
+	OSV_DTYPE_I32,
+	OSV_DTYPE_I16,
+	OSV_DTYPE_I8,
+	OSV_DTYPE_U8,
+	OSV_DTYPE_BOOL,
+	OSV_DTYPE_UNKNOWN
+} osv_dtype;
+
+/* "F32", "F16", ... as safetensors spells them. */
+const char *osv_dtype_name(osv_dtype dtype);
+
+/* One quadtree cell, in degrees, as in quadtree_10_1000.csv. */
+typedef struct osv_cell
+{
+	double		min_lat,
+				min_lon,
+				max_lat,
+				max_lon,
+				mean_lat,
+				mean_lon;
+} osv_cell;
+
+typedef struct osv_model_info
+{
+	int			hidden_size;	/* 1024 for ViT-L/14 */
+	int			num_layers;		/* 24 */
+	int			num_heads;		/* 16 */
+	int			intermediate_size;	/* 4096 */
+	int			patch_size;		/* 14 */
+	int			image_size;		/* 224 */
+	int			mid_hidden[2];	/* MLPCentroid hidden dims: 1024, 512 */
+	int			num_cells;		/* 11399 */
+	osv_activation hidden_act;
+	float		layer_norm_eps; /* 1e-5 */
+	float		image_mean[3];
+	float		image_std[3];
+	double		scale_tanh;		/* 1.2 */
+	osv_dtype	dtype;			/* dtype of the stored matrices */
+	uint64_t	file_size;		/* bytes of model.safetensors */
+	uint64_t	num_parameters; /* parameters actually used */
+	double		gflop_per_image;	/* multiply-adds x 2 of one forward pass */
+	char		weights_path[1024];
+	char		quadtree_path[1024];
+	char		config_path[1024];	/* empty when there is no config.json */
+} osv_model_info;
+
+typedef struct osv_model osv_model;
+typedef struct osv_context osv_context;
+
+/* Return true to stop the current run with OSV_ERR_ABORTED. */
+typedef bool (*osv_abort_callback) (void *data);
+
+typedef struct osv_params
+{
+	uint64_t	max_pixels;		/* decode limit on width x height */
+	osv_abort_callback abort_callback;	/* polled between transformer blocks */
+	void	   *abort_data;
+} osv_params;
+
+osv_params	osv_default_params(void);
+
+/* ---- model ---------------------------------------------------------- */
+
+/*
+ * Open a model directory: model.safetensors, optional config.json and the
+ * quadtree CSV (quadtree_10_1000.csv, or the base name config.json gives in
+ * quadtree_path).  quadtree_path, if not NULL, overrides where the CSV is.
+ * The weights are mmap'ed read-only; F16 and BF16 matrices are widened to
+ * F32 in private memory.
+ */
+osv_status	osv_model_open(const char *dir, const char *quadtree_path,
+						   osv_model **out, osv_error *err);
+void		osv_model_close(osv_model *model);
+const osv_model_info *osv_model_get_info(const osv_model *model);
+const osv_cell *osv_model_cells(const osv_model *model, int *num_cells);
+
+/* ---- images ---------------------------------------------------------- */
+
+/* An 8-bit RGB image, rows top to bottom, pixels interleaved R G B. */
+typedef struct osv_image
+{
+	int			width;
+	int			height;
+	uint8_t    *rgb;			/* malloc'ed, width * height * 3 bytes */
+} osv_image;
+
+/*
+ * Decode a JPEG or PNG (sniffed from the bytes) and convert it to RGB as
+ * PIL.Image.convert("RGB") does.  max_pixels is checked before any large
+ * allocation.  On error *out is left empty.
+ */
+osv_status	osv_image_decode(const uint8_t *data, size_t size, uint64_t max_pixels,
+							 osv_image *out, osv_error *err);
+void		osv_image_free(osv_image *image);
+
+/* PIL's Image.resize((width, height), BICUBIC) of an RGB image. */
+osv_status	osv_image_resize(const osv_image *src, int width, int height,
+							 osv_image *out, osv_error *err);
+
+/*
+ * The test transform: resize the shorter side to size (bicubic, antialiased,
+ * as PIL), center crop size x size (torchvision's rounding), scale to [0, 1]
+ * and normalize.  out holds 3 * size * size floats, CHW.
+ */
+osv_status	osv_preprocess(const osv_image *image, int size, const float mean[3],
+						   const float std[3], float *out, osv_error *err);
+
+/* ---- inference ------------------------------------------------------- */
+
+/* Allocate the run state for model (all or nothing). */
+osv_status	osv_context_new(const osv_model *model, osv_context **out,
+							osv_error *err);
+void		osv_context_free(osv_context *ctx);
+
+/* Decode, preprocess and run the network on encoded image bytes. */
+osv_status	osv_run_image(osv_context *ctx, const uint8_t *data, size_t size,
+						  const osv_params *params, osv_error *err);
+
+/* Run the network on a preprocessed tensor of 3 * image_size^2 floats. */
+osv_status	osv_run_pixels(osv_context *ctx, const float *pixels,
+						   const osv_params *params, osv_error *err);
+
+/* One candidate cell and the point regressed inside it, in degrees. */
+typedef struct osv_prediction
+{
+	int			cell;
+	double		probability;	/* softmax of the classification logits */
+	double		lat;
+	double		lon;
+} osv_prediction;
+
+/*
+ * The k most likely cells of the last run, best first (ties: lower cell
+ * first); out[0] is the model's prediction.  Returns how many were written,
+ * min(k, num_cells).
+ */
+int			osv_context_topk(const osv_context *ctx, int k, osv_prediction *out);
+
+/* The prediction for one given cell of the last run. */
+osv_prediction osv_context_cell(const osv_context *ctx, int cell);
+
+/* Results of the last run, valid until the next run or osv_context_free. */
+const float *osv_context_pixels(const osv_context *ctx);	/* 3 x S x S */
+const float *osv_context_feature(const osv_context *ctx);	/* hidden_size */
+const float *osv_context_logits(const osv_context *ctx);	/* num_cells */
+const float *osv_context_regression(const osv_context *ctx);	/* 2 x num_cells */
+
+/* Seconds spent in each stage by the last run. */
+typedef struct osv_timings
+{
+	double		decode;
+	double		preprocess;
+	double		backbone;
+	double		head;			/* both MLP branches and the hybrid head */
+} osv_timings;
+
+osv_timings osv_context_timings(const osv_context *ctx);
+
+/* ---- BLAS ---------------------------------------------------------- */
+
+/* Set and read the number of OpenBLAS threads of this process. */
+void		osv_blas_set_threads(int threads);
+int			osv_blas_threads(void);
+const char *osv_blas_core_name(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif							/* OSV5M_H */
