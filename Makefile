@@ -22,7 +22,7 @@ OBJS = $(CORE_OBJS) $(PG_SRCS:.c=.o)
 # left over after the matrix products.  Override with OSV_ARCH= for a
 # portable build.
 OSV_ARCH ?= -march=native
-OSV_LIBS = -ljpeg -lpng -lopenblas -lm
+OSV_LIBS = -ljpeg -lpng -ldl -lm
 
 PG_CPPFLAGS = -Isrc/core
 PG_CFLAGS = -std=gnu11 -O3 $(OSV_ARCH)
@@ -47,7 +47,7 @@ src/cli/osv5m.o: src/cli/osv5m.c src/core/osv5m.h
 osv5m: src/cli/osv5m.o $(CORE_OBJS)
 	$(CC) $(CFLAGS) -o $@ $^ $(OSV_LIBS)
 
-$(CORE_OBJS): src/core/osv5m.h src/core/internal.h
+$(CORE_OBJS): src/core/osv5m.h src/core/internal.h src/core/blas.h
 
 install: install-cli
 .PHONY: install-cli

@@ -135,27 +135,3 @@ osv_default_params(void)
 	params.max_pixels = OSV_DEFAULT_MAX_PIXELS;
 	return params;
 }
-
-/* OpenBLAS's own controls (cblas.h of OpenBLAS declares them). */
-extern void openblas_set_num_threads(int);
-extern int	openblas_get_num_threads(void);
-extern char *openblas_get_corename(void);
-
-void
-osv_blas_set_threads(int threads)
-{
-	if (threads >= 1)
-		openblas_set_num_threads(threads);
-}
-
-int
-osv_blas_threads(void)
-{
-	return openblas_get_num_threads();
-}
-
-const char *
-osv_blas_core_name(void)
-{
-	return openblas_get_corename();
-}

@@ -1,0 +1,25 @@
+/*
+ * blas.h: the matrix products of the core, through OpenBLAS loaded on first
+ * use (blas.c says why).  Row-major always.
+ */
+#ifndef OSV5M_BLAS_H
+#define OSV5M_BLAS_H
+
+#include "internal.h"
+
+#include <cblas.h>
+
+/* Load OpenBLAS if not yet loaded; idempotent. */
+osv_status	osv_blas_load(osv_error *err);
+
+/* C = alpha op(A) op(B) + beta C, row-major; osv_blas_load must have succeeded. */
+void		osv_sgemm(CBLAS_TRANSPOSE trans_a, CBLAS_TRANSPOSE trans_b,
+					  int m, int n, int k, float alpha, const float *a, int lda,
+					  const float *b, int ldb, float beta, float *c, int ldc);
+
+/* y = alpha op(A) x + beta y, row-major. */
+void		osv_sgemv(CBLAS_TRANSPOSE trans, int m, int n, float alpha,
+					  const float *a, int lda, const float *x, float beta,
+					  float *y);
+
+#endif							/* OSV5M_BLAS_H */
