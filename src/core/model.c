@@ -1,0 +1,856 @@
+/*
+ * model.c: open a model directory and bind its weights into struct
+ * osv_model (see internal.h for the struct, MODEL.md sections 1 and 2 for
+ * the names and the hyperparameters).
+ *
+ * Steps: read config.json if there is one; mmap model.safetensors; find
+ * the name prefix by probing for class_embedding; derive the shapes (D
+ * from class_embedding, layers by counting encoder.layers.N, F from fc1,
+ * P from patch_embedding, the image size from the config or from the rows
+ * of position_embedding, the MLP widths and the cell count from the mid
+ * branches); then check EVERY tensor the network reads against those
+ * shapes and dtypes before pointing at it; finally read the quadtree, whose
+ * row count must equal the cell count.
+ *
+ * Attention heads cannot be derived from shapes: they come from
+ * config.json, else 16 when D == 1024 (osv5m/baseline), else D / 64 (the
+ * head size of every CLIP ViT) when D is a multiple of 64; otherwise the
+ * config must say.
+ *
+ * Invariants of an open model: every weight pointer addresses exactly as
+ * many floats as its shape says, in the read-only mapping (F32, 4-byte
+ * aligned) or in model->converted (F16/BF16 widened, or misaligned F32
+ * copied); tensors the network does not use (position_ids,
+ * post_layernorm, ...) are ignored.  Opening is all or nothing: on error
+ * everything is freed and *out stays NULL.
+ */
+#include "internal.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+/* safetensors stores little-endian data, which the core reads in place */
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "osv5m reads safetensors data in place and needs a little-endian machine"
+#endif
+
+#define CONFIG_MAX_BYTES ((size_t) 1 << 20)
+#define QUADTREE_MAX_BYTES ((size_t) 256 << 20)
+#define DEFAULT_QUADTREE "quadtree_10_1000.csv"
+/* keeps every derived size far from int overflow */
+#define MODEL_MAX_DIM (1 << 20)
+#define MODEL_MAX_LAYERS 10000
+
+/* Backbone name prefixes, tried in order (MODEL.md section 1). */
+static const char *const backbone_prefixes[] = {
+	"backbone.clip.vision_model.",
+	"model.backbone.clip.vision_model.",
+	"vision_model.",
+	"",
+	/* transformers 5 drops the vision_model level */
+	"backbone.clip.",
+	"model.backbone.clip.",
+};
+
+static const char *const mid_prefixes[] = {"mid.", "model.mid."};
+
+/* A weight the network reads and where its pointer goes. */
+typedef struct binding
+{
+	const osv_tensor *tensor;
+	const float **dst;
+} binding;
+
+typedef struct loader
+{
+	osv_model  *model;
+	const char *prefix;			/* backbone prefix */
+	const char *mid_prefix;
+	binding    *bindings;
+	int			num_bindings;
+	int			max_bindings;
+	osv_error  *err;
+} loader;
+
+/* Format a shape as "[1024, 3, 14, 14]". */
+static const char *
+shape_text(char *buf, size_t size, const int64_t *shape, int ndim)
+{
+	size_t		used = (size_t) snprintf(buf, size, "[");
+
+	for (int i = 0; i < ndim && used < size; i++)
+		used += (size_t) snprintf(buf + used, size - used, "%s%lld", i ? ", " : "",
+								  (long long) shape[i]);
+	if (used < size)
+		snprintf(buf + used, size - used, "]");
+	return buf;
+}
+
+/* Find prefix + name; fail naming it when absent or not a float dtype. */
+static osv_status
+find_weight(loader *ld, const char *prefix, const char *name,
+			const osv_tensor **out)
+{
+	char		full[512];
+	const osv_tensor *t;
+
+	snprintf(full, sizeof(full), "%s%s", prefix, name);
+	t = osv_safetensors_find(&ld->model->weights, full);
+	if (t == NULL)
+		return osv_fail(ld->err, OSV_ERR_MODEL, "missing tensor %s", full);
+	if (t->dtype != OSV_DTYPE_F32 && t->dtype != OSV_DTYPE_F16 &&
+		t->dtype != OSV_DTYPE_BF16)
+		return osv_fail(ld->err, OSV_ERR_MODEL,
+						"tensor %s has dtype %s, expected F32, F16 or BF16",
+						t->name, osv_dtype_name(t->dtype));
+	*out = t;
+	return OSV_OK;
+}
+
+/* Find a weight used to derive sizes; it must have ndim dimensions. */
+static osv_status
+probe(loader *ld, const char *prefix, const char *name, int ndim,
+	  const osv_tensor **out)
+{
+	osv_status	st = find_weight(ld, prefix, name, out);
+	char		buf[160];
+
+	if (st != OSV_OK)
+		return st;
+	if ((*out)->ndim != ndim)
+		return osv_fail(ld->err, OSV_ERR_MODEL,
+						"tensor %s has shape %s, expected %d dimensions",
+						(*out)->name, shape_text(buf, sizeof(buf), (*out)->shape,
+												 (*out)->ndim), ndim);
+	for (int i = 0; i < ndim; i++)
+		if ((*out)->shape[i] < 1 || (*out)->shape[i] > MODEL_MAX_DIM)
+			return osv_fail(ld->err, OSV_ERR_MODEL,
+							"tensor %s has shape %s, dimensions must be in [1, %d]",
+							(*out)->name, shape_text(buf, sizeof(buf), (*out)->shape,
+													 (*out)->ndim), MODEL_MAX_DIM);
+	return OSV_OK;
+}
+
+/* Check prefix + name has exactly the expected shape; record the binding. */
+static osv_status
+bind(loader *ld, const char *prefix, const char *name, const float **dst,
+	 const int64_t *shape, int ndim)
+{
+	const osv_tensor *t;
+	osv_status	st = find_weight(ld, prefix, name, &t);
+	bool		same;
+
+	if (st != OSV_OK)
+		return st;
+	same = (t->ndim == ndim);
+	for (int i = 0; same && i < ndim; i++)
+		same = (t->shape[i] == shape[i]);
+	if (!same)
+	{
+		char		have[160],
+					want[160];
+
+		return osv_fail(ld->err, OSV_ERR_MODEL, "tensor %s has shape %s, expected %s",
+						t->name, shape_text(have, sizeof(have), t->shape, t->ndim),
+						shape_text(want, sizeof(want), shape, ndim));
+	}
+	/* max_bindings is counted exactly from the architecture */
+	if (ld->num_bindings >= ld->max_bindings)
+		return osv_fail(ld->err, OSV_ERR_MODEL, "internal error: too many weights");
+	ld->bindings[ld->num_bindings].tensor = t;
+	ld->bindings[ld->num_bindings].dst = dst;
+	ld->num_bindings++;
+	return OSV_OK;
+}
+
+#define SHAPE(...) ((const int64_t[]) {__VA_ARGS__}), \
+	(int) (sizeof((const int64_t[]) {__VA_ARGS__}) / sizeof(int64_t))
+
+/* Bind the 16 weights of encoder layer i. */
+static osv_status
+bind_layer(loader *ld, int i, int64_t D, int64_t F)
+{
+	osv_layer  *l = &ld->model->layers[i];
+	const struct
+	{
+		const char *name;
+		const float **dst;
+		int64_t		rows,
+					cols;		/* cols 0: a vector */
+	}			w[] =
+	{
+		{"layer_norm1.weight", &l->layer_norm1_weight, D, 0},
+		{"layer_norm1.bias", &l->layer_norm1_bias, D, 0},
+		{"self_attn.q_proj.weight", &l->q_proj_weight, D, D},
+		{"self_attn.q_proj.bias", &l->q_proj_bias, D, 0},
+		{"self_attn.k_proj.weight", &l->k_proj_weight, D, D},
+		{"self_attn.k_proj.bias", &l->k_proj_bias, D, 0},
+		{"self_attn.v_proj.weight", &l->v_proj_weight, D, D},
+		{"self_attn.v_proj.bias", &l->v_proj_bias, D, 0},
+		{"self_attn.out_proj.weight", &l->out_proj_weight, D, D},
+		{"self_attn.out_proj.bias", &l->out_proj_bias, D, 0},
+		{"layer_norm2.weight", &l->layer_norm2_weight, D, 0},
+		{"layer_norm2.bias", &l->layer_norm2_bias, D, 0},
+		{"mlp.fc1.weight", &l->fc1_weight, F, D},
+		{"mlp.fc1.bias", &l->fc1_bias, F, 0},
+		{"mlp.fc2.weight", &l->fc2_weight, D, F},
+		{"mlp.fc2.bias", &l->fc2_bias, D, 0},
+	};
+
+	for (size_t k = 0; k < sizeof(w) / sizeof(w[0]); k++)
+	{
+		char		name[128];
+		int64_t		shape[2] = {w[k].rows, w[k].cols};
+		osv_status	st;
+
+		snprintf(name, sizeof(name), "encoder.layers.%d.%s", i, w[k].name);
+		st = bind(ld, ld->prefix, name, w[k].dst, shape, w[k].cols ? 2 : 1);
+		if (st != OSV_OK)
+			return st;
+	}
+	return OSV_OK;
+}
+
+/* Bind one MLPCentroid branch ("classif" or "reg"). */
+static osv_status
+bind_branch(loader *ld, const char *which, osv_branch *b, int64_t D, int64_t H1,
+			int64_t H2, int64_t out_dim)
+{
+	const struct
+	{
+		const char *name;
+		const float **dst;
+		int64_t		rows,
+					cols;
+	}			w[] =
+	{
+		{"0.weight", &b->norm_weight, D, 0},
+		{"0.bias", &b->norm_bias, D, 0},
+		{"1.weight", &b->fc1_weight, H1, D},
+		{"1.bias", &b->fc1_bias, H1, 0},
+		{"2.weight", &b->gn1_weight, H1, 0},
+		{"2.bias", &b->gn1_bias, H1, 0},
+		{"4.weight", &b->fc2_weight, H2, H1},
+		{"4.bias", &b->fc2_bias, H2, 0},
+		{"5.weight", &b->gn2_weight, H2, 0},
+		{"5.bias", &b->gn2_bias, H2, 0},
+		{"7.weight", &b->out_weight, out_dim, H2},
+		{"7.bias", &b->out_bias, out_dim, 0},
+	};
+
+	b->out_dim = (int) out_dim;
+	for (size_t k = 0; k < sizeof(w) / sizeof(w[0]); k++)
+	{
+		char		name[128];
+		int64_t		shape[2] = {w[k].rows, w[k].cols};
+		osv_status	st;
+
+		snprintf(name, sizeof(name), "%s.%s", which, w[k].name);
+		st = bind(ld, ld->mid_prefix, name, w[k].dst, shape, w[k].cols ? 2 : 1);
+		if (st != OSV_OK)
+			return st;
+	}
+	return OSV_OK;
+}
+
+/* The number of encoder layers: 1 + the largest N of prefix encoder.layers.N. */
+static osv_status
+count_layers(loader *ld, int *num_layers)
+{
+	char		stem[128];
+	size_t		stem_len;
+	long		max_index = -1;
+
+	snprintf(stem, sizeof(stem), "%sencoder.layers.", ld->prefix);
+	stem_len = strlen(stem);
+	for (int i = 0; i < ld->model->weights.num_tensors; i++)
+	{
+		const char *name = ld->model->weights.tensors[i].name;
+		const char *p;
+		long		index = 0;
+
+		if (strncmp(name, stem, stem_len) != 0)
+			continue;
+		p = name + stem_len;
+		if (*p < '0' || *p > '9')
+			continue;
+		while (*p >= '0' && *p <= '9')
+		{
+			index = index * 10 + (*p++ - '0');
+			/* bounded before it can overflow a long */
+			if (index >= MODEL_MAX_LAYERS)
+				return osv_fail(ld->err, OSV_ERR_MODEL,
+								"tensor %s: layer index exceeds the limit of %d layers",
+								name, MODEL_MAX_LAYERS);
+		}
+		if (*p == '.' && index > max_index)
+			max_index = index;
+	}
+
+	/*
+	 * Gaps (layers 0, 1, 3) are caught later: binding every layer up to the
+	 * largest index reports the first missing tensor of layer 2.
+	 */
+	*num_layers = (int) (max_index + 1);
+	return OSV_OK;
+}
+
+/* Read a whole small file; *missing tells ENOENT apart from other errors. */
+static osv_status
+read_small_file(const char *path, size_t cap, const char *what, char **out,
+				size_t *len, bool *missing, osv_error *err)
+{
+	struct stat sb;
+	char	   *buf;
+	size_t		got = 0;
+	int			fd;
+
+	*out = NULL;
+	*len = 0;
+	if (missing)
+		*missing = false;
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+	{
+		if (missing && errno == ENOENT)
+			*missing = true;
+		return osv_fail(err, OSV_ERR_IO, "could not open %s \"%s\": %s", what, path,
+						strerror(errno));
+	}
+	if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode))
+	{
+		close(fd);
+		return osv_fail(err, OSV_ERR_IO, "%s \"%s\" is not a regular file", what, path);
+	}
+	if ((uint64_t) sb.st_size > cap)
+	{
+		close(fd);
+		return osv_fail(err, OSV_ERR_LIMIT, "%s \"%s\" is larger than %zu bytes", what,
+						path, cap);
+	}
+	buf = malloc((size_t) sb.st_size + 1);
+	if (buf == NULL)
+	{
+		close(fd);
+		return osv_fail(err, OSV_ERR_NOMEM, "out of memory reading %s \"%s\"", what, path);
+	}
+	while (got < (size_t) sb.st_size)
+	{
+		ssize_t		n = read(fd, buf + got, (size_t) sb.st_size - got);
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+		{
+			int			e = errno;
+
+			close(fd);
+			free(buf);
+			return osv_fail(err, OSV_ERR_IO, "could not read %s \"%s\": %s", what, path,
+							n == 0 ? "unexpected end of file" : strerror(e));
+		}
+		got += (size_t) n;
+	}
+	close(fd);
+	buf[got] = '\0';
+	*out = buf;
+	*len = got;
+	return OSV_OK;
+}
+
+/* Name the file in err->detail, after any parser text already there. */
+static void
+add_file_detail(osv_error *err, const char *path)
+{
+	char		detail[sizeof(err->detail)];
+
+	if (err->detail[0] == '\0')
+		osv_fail_detail(err, "file %s", path);
+	else
+	{
+		snprintf(detail, sizeof(detail), "%s", err->detail);
+		osv_fail_detail(err, "%s; file %s", detail, path);
+	}
+}
+
+/* dst = dir/name, failing if it does not fit. */
+static osv_status
+join_path(char *dst, size_t size, const char *dir, const char *name, osv_error *err)
+{
+	size_t		n = strlen(dir);
+	const char *sep = (n > 0 && dir[n - 1] == '/') ? "" : "/";
+
+	if ((size_t) snprintf(dst, size, "%s%s%s", dir, sep, name) >= size)
+		return osv_fail(err, OSV_ERR_ARGUMENT, "path \"%s%s%s\" is too long", dir, sep,
+						name);
+	return OSV_OK;
+}
+
+/* Widen or copy the bindings that cannot point into the mapping. */
+static osv_status
+convert_weights(loader *ld)
+{
+	osv_model  *m = ld->model;
+	size_t		total = 0;
+	float	   *next;
+
+	for (int i = 0; i < ld->num_bindings; i++)
+	{
+		const osv_tensor *t = ld->bindings[i].tensor;
+
+		/*
+		 * F32 data is used in place only when 4-byte aligned: safetensors
+		 * does not promise alignment (the header length is arbitrary), and
+		 * a misaligned float load is undefined behaviour in C.
+		 */
+		if (t->dtype == OSV_DTYPE_F32 && ((uintptr_t) t->data % sizeof(float)) == 0)
+			continue;
+		if (__builtin_add_overflow(total, (size_t) t->num_elements, &total))
+			return osv_fail(ld->err, OSV_ERR_LIMIT, "converted weights overflow size_t");
+	}
+	if (total == 0)
+		return OSV_OK;
+	if (!osv_mul_size(total, sizeof(float), &total))
+		return osv_fail(ld->err, OSV_ERR_LIMIT, "converted weights overflow size_t");
+	m->converted = malloc(total);
+	if (m->converted == NULL)
+		return osv_fail(ld->err, OSV_ERR_NOMEM,
+						"out of memory widening F16/BF16 weights to F32 (%zu bytes)", total);
+
+	next = m->converted;
+	for (int i = 0; i < ld->num_bindings; i++)
+	{
+		const osv_tensor *t = ld->bindings[i].tensor;
+		const uint8_t *src = t->data;
+		size_t		n = (size_t) t->num_elements;
+
+		if (t->dtype == OSV_DTYPE_F32)
+		{
+			if (((uintptr_t) t->data % sizeof(float)) == 0)
+				continue;
+			memcpy(next, src, n * sizeof(float));
+		}
+		else
+		{
+			for (size_t k = 0; k < n; k++)
+			{
+				/* little-endian halves, possibly misaligned: assemble bytes */
+				uint16_t	h = (uint16_t) (src[2 * k] | (src[2 * k + 1] << 8));
+
+				next[k] = (t->dtype == OSV_DTYPE_F16) ? osv_f16_to_f32(h) :
+					osv_bf16_to_f32(h);
+			}
+		}
+		*ld->bindings[i].dst = next;
+		next += n;
+	}
+	return OSV_OK;
+}
+
+/* Point every F32 aligned binding into the mapping. */
+static void
+bind_in_place(loader *ld)
+{
+	for (int i = 0; i < ld->num_bindings; i++)
+	{
+		const osv_tensor *t = ld->bindings[i].tensor;
+
+		if (t->dtype == OSV_DTYPE_F32 && ((uintptr_t) t->data % sizeof(float)) == 0)
+			*ld->bindings[i].dst = t->data;
+	}
+}
+
+/* Check that a config value, when given, agrees with the weights. */
+static osv_status
+agree(loader *ld, const char *key, int config_value, int64_t weights_value)
+{
+	if (config_value > 0 && config_value != weights_value)
+		return osv_fail(ld->err, OSV_ERR_MODEL,
+						"config.json: %s is %d but the weights have %lld", key,
+						config_value, (long long) weights_value);
+	return OSV_OK;
+}
+
+/* Derive the hyperparameters, check and bind every weight. */
+static osv_status
+load_weights(loader *ld, const osv_config *config)
+{
+	osv_model  *m = ld->model;
+	osv_model_info *info = &m->info;
+	const osv_tensor *t;
+	osv_status	st;
+	int64_t		D,
+				F,
+				P,
+				S,
+				T,
+				H1,
+				H2,
+				C;
+	int			L = 0,
+				heads;
+	size_t		i;
+
+	/* the prefix: whichever variant has a class_embedding */
+	ld->prefix = NULL;
+	for (i = 0; i < sizeof(backbone_prefixes) / sizeof(backbone_prefixes[0]); i++)
+	{
+		char		name[128];
+
+		snprintf(name, sizeof(name), "%sembeddings.class_embedding",
+				 backbone_prefixes[i]);
+		if (osv_safetensors_find(&m->weights, name) != NULL)
+		{
+			ld->prefix = backbone_prefixes[i];
+			break;
+		}
+	}
+	if (ld->prefix == NULL)
+		return osv_fail(ld->err, OSV_ERR_MODEL,
+						"missing tensor backbone.clip.vision_model.embeddings.class_embedding (no known name prefix)");
+	ld->mid_prefix = mid_prefixes[0];
+	for (i = 0; i < sizeof(mid_prefixes) / sizeof(mid_prefixes[0]); i++)
+	{
+		char		name[128];
+
+		snprintf(name, sizeof(name), "%sclassif.7.weight", mid_prefixes[i]);
+		if (osv_safetensors_find(&m->weights, name) != NULL)
+		{
+			ld->mid_prefix = mid_prefixes[i];
+			break;
+		}
+	}
+
+	/* sizes from shapes */
+	if ((st = probe(ld, ld->prefix, "embeddings.class_embedding", 1, &t)) != OSV_OK)
+		return st;
+	D = t->shape[0];
+	if ((st = count_layers(ld, &L)) != OSV_OK)
+		return st;
+	if ((st = probe(ld, ld->prefix, "encoder.layers.0.mlp.fc1.weight", 2, &t)) != OSV_OK)
+		return st;
+	F = t->shape[0];
+	if ((st = probe(ld, ld->prefix, "embeddings.patch_embedding.weight", 4, &t)) != OSV_OK)
+		return st;
+	P = t->shape[3];
+	if ((st = probe(ld, ld->prefix, "embeddings.position_embedding.weight", 2, &t)) != OSV_OK)
+		return st;
+	T = t->shape[0];
+	if ((st = probe(ld, ld->mid_prefix, "classif.1.weight", 2, &t)) != OSV_OK)
+		return st;
+	H1 = t->shape[0];
+	if ((st = probe(ld, ld->mid_prefix, "classif.4.weight", 2, &t)) != OSV_OK)
+		return st;
+	H2 = t->shape[0];
+	if ((st = probe(ld, ld->mid_prefix, "classif.7.weight", 2, &t)) != OSV_OK)
+		return st;
+	C = t->shape[0];
+
+	if ((st = agree(ld, "hidden_size", config->hidden_size, D)) != OSV_OK ||
+		(st = agree(ld, "num_hidden_layers", config->num_layers, L)) != OSV_OK ||
+		(st = agree(ld, "intermediate_size", config->intermediate_size, F)) != OSV_OK ||
+		(st = agree(ld, "patch_size", config->patch_size, P)) != OSV_OK)
+		return st;
+
+	if (config->image_size > 0)
+	{
+		S = config->image_size;
+		if (S % P != 0)
+			return osv_fail(ld->err, OSV_ERR_MODEL,
+							"image size %lld is not a multiple of the patch size %lld",
+							(long long) S, (long long) P);
+	}
+	else
+	{
+		/* config silent: T = (S/P)^2 + 1, so the grid side is sqrt(T - 1) */
+		int64_t		g = (int64_t) llround(sqrt((double) (T - 1)));
+
+		if (T < 2 || g * g != T - 1 || g * P > MODEL_MAX_DIM)
+			return osv_fail(ld->err, OSV_ERR_MODEL,
+							"tensor %sembeddings.position_embedding.weight has %lld rows, not a square grid of patches plus one; give image_size in config.json",
+							ld->prefix, (long long) T);
+		S = g * P;
+	}
+
+	if (config->num_heads > 0)
+		heads = config->num_heads;
+	else if (D == 1024)
+		heads = 16;
+	else if (D % 64 == 0)
+		heads = (int) (D / 64);
+	else
+		return osv_fail(ld->err, OSV_ERR_MODEL,
+						"hidden size %lld is not a multiple of 64: config.json must give num_attention_heads",
+						(long long) D);
+	if (D % heads != 0)
+		return osv_fail(ld->err, OSV_ERR_MODEL,
+						"hidden size %lld is not divisible by %d attention heads",
+						(long long) D, heads);
+	if (H1 % OSV_GROUPNORM_GROUPS != 0 || H2 % OSV_GROUPNORM_GROUPS != 0)
+		return osv_fail(ld->err, OSV_ERR_MODEL,
+						"mid hidden sizes %lld and %lld must be multiples of %d (GroupNorm groups)",
+						(long long) H1, (long long) H2, OSV_GROUPNORM_GROUPS);
+
+	/* every weight, with its exact shape */
+	m->layers = calloc((size_t) L, sizeof(osv_layer));
+	ld->max_bindings = 5 + 16 * L + 24;
+	ld->bindings = calloc((size_t) ld->max_bindings, sizeof(binding));
+	if (m->layers == NULL || ld->bindings == NULL)
+		return osv_fail(ld->err, OSV_ERR_NOMEM, "out of memory for %d layers", L);
+	T = (S / P) * (S / P) + 1;
+	if ((st = bind(ld, ld->prefix, "embeddings.class_embedding", &m->class_embedding,
+				   SHAPE(D))) != OSV_OK ||
+		(st = bind(ld, ld->prefix, "embeddings.patch_embedding.weight",
+				   &m->patch_embedding, SHAPE(D, 3, P, P))) != OSV_OK ||
+		(st = bind(ld, ld->prefix, "embeddings.position_embedding.weight",
+				   &m->position_embedding, SHAPE(T, D))) != OSV_OK ||
+		(st = bind(ld, ld->prefix, "pre_layrnorm.weight", &m->pre_layrnorm_weight,
+				   SHAPE(D))) != OSV_OK ||
+		(st = bind(ld, ld->prefix, "pre_layrnorm.bias", &m->pre_layrnorm_bias,
+				   SHAPE(D))) != OSV_OK)
+		return st;
+	for (int l = 0; l < L; l++)
+		if ((st = bind_layer(ld, l, D, F)) != OSV_OK)
+			return st;
+	if ((st = bind_branch(ld, "classif", &m->classif, D, H1, H2, C)) != OSV_OK ||
+		(st = bind_branch(ld, "reg", &m->reg, D, H1, H2, 2 * C)) != OSV_OK)
+		return st;
+
+	bind_in_place(ld);
+	if ((st = convert_weights(ld)) != OSV_OK)
+		return st;
+
+	info->hidden_size = (int) D;
+	info->num_layers = L;
+	info->num_heads = heads;
+	info->intermediate_size = (int) F;
+	info->patch_size = (int) P;
+	info->image_size = (int) S;
+	info->mid_hidden[0] = (int) H1;
+	info->mid_hidden[1] = (int) H2;
+	info->num_cells = (int) C;
+	/* the big matrices' dtype; a mixed file reports layer 0's q_proj */
+	if ((st = find_weight(ld, ld->prefix, "encoder.layers.0.self_attn.q_proj.weight",
+						  &t)) != OSV_OK)
+		return st;
+	info->dtype = t->dtype;
+
+	/* parameters the network reads: the sum over the bindings */
+	info->num_parameters = 0;
+	for (int b = 0; b < ld->num_bindings; b++)
+		info->num_parameters += ld->bindings[b].tensor->num_elements;
+
+	/*
+	 * Multiply-adds of one image, times 2: the patch convolution, per layer
+	 * the four D x D projections and the MLP over T tokens plus attention
+	 * (q k^T and the weighted sum of v, T^2 D each), then both MLP branches
+	 * on the class token.
+	 */
+	{
+		double		d = (double) D,
+					f = (double) F,
+					tok = (double) T,
+					mac;
+
+		mac = (tok - 1) * d * 3.0 * (double) P * (double) P;
+		mac += (double) L * (4.0 * tok * d * d + 2.0 * tok * d * f + 2.0 * tok * tok * d);
+		mac += 2.0 * (d * (double) H1 + (double) H1 * (double) H2);
+		mac += (double) H2 * (double) C * 3.0;
+		info->gflop_per_image = 2.0 * mac / 1e9;
+	}
+	return OSV_OK;
+}
+
+/* Fill the non-derived fields of info: config values or the defaults. */
+static void
+apply_config(osv_model_info *info, const osv_config *config)
+{
+	static const float mean[3] = {0.48145466f, 0.4578275f, 0.40821073f};
+	static const float std[3] = {0.26862954f, 0.26130258f, 0.27577711f};
+
+	info->hidden_act = config->hidden_act >= 0 ?
+		(osv_activation) config->hidden_act : OSV_ACT_GELU;
+	info->layer_norm_eps = config->layer_norm_eps > 0 ?
+		(float) config->layer_norm_eps : 1e-5f;
+	memcpy(info->image_mean, config->has_mean ? config->image_mean : mean,
+		   sizeof(info->image_mean));
+	memcpy(info->image_std, config->has_std ? config->image_std : std,
+		   sizeof(info->image_std));
+	info->scale_tanh = config->scale_tanh > 0 ? config->scale_tanh : 1.2;
+}
+
+/* Read config.json of dir if present; absent leaves config unset. */
+static osv_status
+load_config(osv_model *m, const char *dir, osv_config *config, osv_error *err)
+{
+	char	   *text;
+	size_t		len;
+	bool		missing;
+	osv_status	st;
+
+	st = join_path(m->info.config_path, sizeof(m->info.config_path), dir,
+				   "config.json", err);
+	if (st != OSV_OK)
+		return st;
+	st = read_small_file(m->info.config_path, CONFIG_MAX_BYTES, "config file", &text,
+						 &len, &missing, err);
+	if (st != OSV_OK)
+	{
+		if (!missing)
+			return st;
+		/* no config.json: everything from shapes and defaults */
+		m->info.config_path[0] = '\0';
+		return OSV_OK;
+	}
+	st = osv_config_parse(text, len, config, err);
+	free(text);
+	return st;
+}
+
+/* Read the quadtree: override, else config's base name, else the default. */
+static osv_status
+load_quadtree(osv_model *m, const char *dir, const char *override,
+			  const osv_config *config, int *num_cells, osv_error *err)
+{
+	char	   *path = m->info.quadtree_path;
+	size_t		path_size = sizeof(m->info.quadtree_path);
+	char	   *text;
+	size_t		len;
+	bool		missing;
+	osv_status	st;
+
+	if (override != NULL && override[0] != '\0')
+	{
+		if ((size_t) snprintf(path, path_size, "%s", override) >= path_size)
+			return osv_fail(err, OSV_ERR_ARGUMENT, "quadtree path is too long");
+		st = read_small_file(path, QUADTREE_MAX_BYTES, "quadtree file", &text, &len,
+							 NULL, err);
+	}
+	else
+	{
+		const char *name = config->quadtree_file[0] ? config->quadtree_file :
+			DEFAULT_QUADTREE;
+
+		if ((st = join_path(path, path_size, dir, name, err)) != OSV_OK)
+			return st;
+		st = read_small_file(path, QUADTREE_MAX_BYTES, "quadtree file", &text, &len,
+							 &missing, err);
+		if (st != OSV_OK && missing && strcmp(name, DEFAULT_QUADTREE) != 0)
+		{
+			/* the config's name may be stale; the default is worth a try */
+			osv_error	first = *err;
+
+			if ((st = join_path(path, path_size, dir, DEFAULT_QUADTREE, err)) != OSV_OK)
+				return st;
+			st = read_small_file(path, QUADTREE_MAX_BYTES, "quadtree file", &text, &len,
+								 NULL, err);
+			if (st != OSV_OK)
+				*err = first;
+		}
+	}
+	if (st != OSV_OK)
+		return st;
+	st = osv_quadtree_parse(text, len, &m->cells, num_cells, err);
+	free(text);
+	if (st != OSV_OK)
+		add_file_detail(err, path);
+	return st;
+}
+
+/* Open a model directory; all or nothing. */
+osv_status
+osv_model_open(const char *dir, const char *quadtree_path, osv_model **out,
+			   osv_error *err)
+{
+	osv_error	local;
+	osv_model  *m;
+	osv_config	config;
+	loader		ld;
+	osv_status	st;
+	int			num_cells;
+
+	/* the steps below compare and copy *err: make sure there is one */
+	if (err == NULL)
+		err = &local;
+	if (out == NULL)
+		return osv_fail(err, OSV_ERR_ARGUMENT, "no output model pointer");
+	*out = NULL;
+	if (dir == NULL || dir[0] == '\0')
+		return osv_fail(err, OSV_ERR_ARGUMENT, "no model directory");
+	m = calloc(1, sizeof(*m));
+	if (m == NULL)
+		return osv_fail(err, OSV_ERR_NOMEM, "out of memory for the model");
+	osv_config_init(&config);
+	memset(&ld, 0, sizeof(ld));
+	ld.model = m;
+	ld.err = err;
+
+	st = load_config(m, dir, &config, err);
+	if (st == OSV_OK)
+		st = join_path(m->info.weights_path, sizeof(m->info.weights_path), dir,
+					   "model.safetensors", err);
+	if (st == OSV_OK)
+	{
+		st = osv_safetensors_open(m->info.weights_path, &m->weights, err);
+		if (st == OSV_ERR_MODEL)
+			add_file_detail(err, m->info.weights_path);
+	}
+	if (st == OSV_OK)
+	{
+		m->info.file_size = m->weights.map_size;
+		st = load_weights(&ld, &config);
+		if (st == OSV_ERR_MODEL)
+			add_file_detail(err, m->info.weights_path);
+	}
+	free(ld.bindings);
+	if (st == OSV_OK)
+	{
+		apply_config(&m->info, &config);
+		st = load_quadtree(m, dir, quadtree_path, &config, &num_cells, err);
+		if (st == OSV_OK && num_cells != m->info.num_cells)
+			st = osv_fail(err, OSV_ERR_MODEL, "quadtree has %d cells, the model has %d",
+						  num_cells, m->info.num_cells);
+	}
+	if (st != OSV_OK)
+	{
+		osv_model_close(m);
+		return st;
+	}
+	*out = m;
+	return OSV_OK;
+}
+
+/* Free a model and everything it owns; NULL is fine. */
+void
+osv_model_close(osv_model *model)
+{
+	if (model == NULL)
+		return;
+	free(model->layers);
+	free(model->cells);
+	free(model->converted);
+	osv_safetensors_close(&model->weights);
+	free(model);
+}
+
+/* The hyperparameters and paths of an open model. */
+const osv_model_info *
+osv_model_get_info(const osv_model *model)
+{
+	return &model->info;
+}
+
+/* The quadtree cells, one per class, in degrees. */
+const osv_cell *
+osv_model_cells(const osv_model *model, int *num_cells)
+{
+	if (num_cells != NULL)
+		*num_cells = model->info.num_cells;
+	return model->cells;
+}
