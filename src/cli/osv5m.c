@@ -1,0 +1,874 @@
+/*
+ * osv5m.c: the osv5m command-line tool over the inference core.
+ *
+ *   osv5m geolocate --model DIR [--quadtree CSV] [--top K] [--threads N]
+ *                   [--max-pixels N] FILE...
+ *       one JSON object per line and file:
+ *       {"file":F,"lat":D,"lon":D,"cell":I,"probability":D[,"top":[
+ *        {"cell":I,"probability":D,"lat":D,"lon":D},...]]}
+ *       ("top" only with --top K, K >= 1; the default 0 omits it), or for
+ *       a file that fails
+ *       {"file":F,"error":MESSAGE,"status":STATUS[,"detail":TEXT]}
+ *       where STATUS is osv_status_name(), e.g. "corrupt image".
+ *   osv5m embed --model DIR [...] FILE...
+ *       {"file":F,"embedding":[F32,...]} (the hidden_size feature)
+ *   osv5m info --model DIR [--quadtree CSV] [--threads N]
+ *       one JSON object: the model's shapes, dtype, cells, file size,
+ *       parameters, GFLOP per image, paths, BLAS core and threads
+ *   osv5m bench --model DIR [--iters N] [--warmup N] [--threads N] [--json]
+ *               FILE...
+ *       runs every file N times (after W unmeasured warm-up runs, default 1)
+ *       and prints the median seconds per stage and the GFLOP/s reached.
+ *       With --json, one object:
+ *       {"model":DIR,"blas_core":S,"threads":I,"iters":I,"files":I,"runs":I,
+ *        "gflop_per_image":D,
+ *        "median_s":{"decode":D,"preprocess":D,"backbone":D,"head":D,"total":D},
+ *        "min_s":{...same keys...},
+ *        "gflops":D,          gflop_per_image / median total
+ *        "backbone_gflops":D} backbone GFLOP (all but the MLP branches) /
+ *                             median backbone
+ *       Both rates use the model's nominal FLOPs; the last transformer block
+ *       computes only the class token past its keys and values, about 3.5 %
+ *       fewer FLOPs on ViT-L/14, so the rates overstate by that much.
+ *
+ * Doubles are printed with %.17g, floats with %.9g (both round-trip); NaN
+ * and infinities as null.  File names are JSON-escaped (invalid UTF-8 bytes
+ * become U+FFFD).  Exit status: 0, 1 when any file failed, 2 on a usage or
+ * model error (with a message on stderr).  --threads defaults to
+ * OPENBLAS_NUM_THREADS, else the number of online CPUs.
+ */
+#include "osv5m.h"
+
+#include <errno.h>
+#include <getopt.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#define EXIT_FILE_FAILED 1
+#define EXIT_USAGE 2
+
+/* Refuse image files larger than this before reading them (1 GiB). */
+#define MAX_FILE_BYTES ((size_t) 1 << 30)
+
+typedef struct options
+{
+	const char *model_dir;
+	const char *quadtree;
+	int			top;
+	int			threads;
+	uint64_t	max_pixels;
+	int			iters;
+	int			warmup;
+	bool		json;
+} options;
+
+static const char *const usage_text =
+"usage: osv5m COMMAND --model DIR [OPTIONS] [FILE...]\n"
+"\n"
+"Geolocate photos with the OSV-5M baseline model.\n"
+"\n"
+"commands:\n"
+"  geolocate   print the predicted latitude and longitude of each FILE (JSON lines)\n"
+"  embed       print the image feature of each FILE (JSON lines)\n"
+"  info        print the model's shapes and settings (JSON)\n"
+"  bench       time the stages over FILE...\n"
+"\n"
+"Run 'osv5m COMMAND --help' for the options of a command.\n";
+
+/* Print the help of command (NULL: the general one) to out. */
+static void
+print_usage(FILE *out, const char *command)
+{
+	if (command == NULL)
+	{
+		fputs(usage_text, out);
+		return;
+	}
+	if (strcmp(command, "geolocate") == 0)
+		fputs("usage: osv5m geolocate --model DIR [--quadtree CSV] [--top K] [--threads N]\n"
+			  "                       [--max-pixels N] FILE...\n"
+			  "\n"
+			  "Prints one JSON object per file: file, lat, lon (degrees), cell, probability,\n"
+			  "and with --top K the K most likely cells with their own regressed points.\n"
+			  "A file that cannot be read or decoded prints file, error and status; the\n"
+			  "exit status is then 1.\n"
+			  "\n"
+			  "  --model DIR       model directory (model.safetensors, config.json, quadtree)\n"
+			  "  --quadtree CSV    quadtree file, instead of the one in DIR\n"
+			  "  --top K           also print the K most likely cells (default 0: none)\n"
+			  "  --threads N       OpenBLAS threads (default: all CPUs)\n"
+			  "  --max-pixels N    refuse images of more than N pixels (default 50000000)\n",
+			  out);
+	else if (strcmp(command, "embed") == 0)
+		fputs("usage: osv5m embed --model DIR [--quadtree CSV] [--threads N] [--max-pixels N]\n"
+			  "                   FILE...\n"
+			  "\n"
+			  "Prints one JSON object per file: file and embedding, the image feature (the\n"
+			  "class token of the last transformer block).\n", out);
+	else if (strcmp(command, "info") == 0)
+		fputs("usage: osv5m info --model DIR [--quadtree CSV] [--threads N]\n"
+			  "\n"
+			  "Prints the model's shapes, dtype, cells, size, cost and paths as JSON.\n", out);
+	else if (strcmp(command, "bench") == 0)
+		fputs("usage: osv5m bench --model DIR [--quadtree CSV] [--iters N] [--warmup N]\n"
+			  "                   [--threads N] [--max-pixels N] [--json] FILE...\n"
+			  "\n"
+			  "Runs each file N times (default 3) after W warm-up runs (default 1) and\n"
+			  "prints the median seconds of each stage and the GFLOP/s reached.\n", out);
+	else
+		fputs(usage_text, out);
+}
+
+/* Report a usage error and return the usage exit status. */
+static int
+usage_error(const char *command, const char *fmt, const char *arg)
+{
+	fputs("osv5m: ", stderr);
+	fprintf(stderr, fmt, arg);
+	fputc('\n', stderr);
+	fprintf(stderr, "Try 'osv5m %s%s--help'.\n", command ? command : "",
+			command ? " " : "");
+	return EXIT_USAGE;
+}
+
+/* Parse a decimal integer in [lo, hi]; false if it is not one. */
+static bool
+parse_int(const char *s, long long lo, long long hi, long long *out)
+{
+	char	   *end;
+	long long	v;
+
+	errno = 0;
+	v = strtoll(s, &end, 10);
+	if (errno != 0 || end == s || *end != '\0' || v < lo || v > hi)
+		return false;
+	*out = v;
+	return true;
+}
+
+/* ---- JSON output --------------------------------------------------------- */
+
+/* Length of the valid UTF-8 sequence at s (1..4), or 0 if invalid. */
+static int
+utf8_length(const unsigned char *s)
+{
+	unsigned	c = s[0];
+	int			n;
+	unsigned	cp;
+
+	if (c < 0x80)
+		return 1;
+	if (c >= 0xc2 && c <= 0xdf)
+		n = 2, cp = c & 0x1f;
+	else if (c >= 0xe0 && c <= 0xef)
+		n = 3, cp = c & 0x0f;
+	else if (c >= 0xf0 && c <= 0xf4)
+		n = 4, cp = c & 0x07;
+	else
+		return 0;
+	for (int i = 1; i < n; i++)
+	{
+		if ((s[i] & 0xc0) != 0x80)
+			return 0;			/* also stops at the terminating NUL */
+		cp = (cp << 6) | (s[i] & 0x3f);
+	}
+	/* overlong forms, surrogates and beyond U+10FFFF are not UTF-8 */
+	if ((n == 3 && cp < 0x800) || (n == 4 && (cp < 0x10000 || cp > 0x10ffff)) ||
+		(cp >= 0xd800 && cp <= 0xdfff))
+		return 0;
+	return n;
+}
+
+/* Print s as a JSON string. */
+static void
+json_string(FILE *out, const char *s)
+{
+	const unsigned char *p = (const unsigned char *) s;
+
+	fputc('"', out);
+	while (*p)
+	{
+		int			n;
+
+		if (*p == '"' || *p == '\\')
+			fprintf(out, "\\%c", *p++);
+		else if (*p == '\n')
+			fputs("\\n", out), p++;
+		else if (*p == '\t')
+			fputs("\\t", out), p++;
+		else if (*p < 0x20 || *p == 0x7f)
+			fprintf(out, "\\u%04x", *p++);
+		else if ((n = utf8_length(p)) > 0)
+		{
+			fwrite(p, 1, (size_t) n, out);
+			p += n;
+		}
+		else
+		{
+			/* a byte of a file name that is not UTF-8: JSON cannot hold it */
+			fputs("\\ufffd", out);
+			p++;
+		}
+	}
+	fputc('"', out);
+}
+
+/* Print a double that round-trips, or null when it is not finite. */
+static void
+json_double(FILE *out, double v)
+{
+	if (isfinite(v))
+		fprintf(out, "%.17g", v);
+	else
+		fputs("null", out);
+}
+
+/* Print a float that round-trips, or null when it is not finite. */
+static void
+json_float(FILE *out, float v)
+{
+	if (isfinite(v))
+		fprintf(out, "%.9g", (double) v);
+	else
+		fputs("null", out);
+}
+
+/* Print the error line of a file that failed. */
+static void
+json_file_error(const char *file, const osv_error *err)
+{
+	fputs("{\"file\":", stdout);
+	json_string(stdout, file);
+	fputs(",\"error\":", stdout);
+	json_string(stdout, err->message);
+	fputs(",\"status\":", stdout);
+	json_string(stdout, osv_status_name(err->status));
+	if (err->detail[0] != '\0')
+	{
+		fputs(",\"detail\":", stdout);
+		json_string(stdout, err->detail);
+	}
+	fputs("}\n", stdout);
+}
+
+/* Monotonic clock in seconds. */
+static double
+now(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* ---- files and the model ------------------------------------------------- */
+
+/* Read a whole file into a malloc'ed buffer. */
+static osv_status
+read_file(const char *path, uint8_t **data, size_t *size, osv_error *err)
+{
+	FILE	   *f = fopen(path, "rb");
+	uint8_t    *buf = NULL;
+	size_t		len = 0,
+				cap = 0;
+
+	*data = NULL;
+	*size = 0;
+	if (f == NULL)
+	{
+		err->status = OSV_ERR_IO;
+		snprintf(err->message, sizeof(err->message), "could not open file: %s",
+				 strerror(errno));
+		err->detail[0] = '\0';
+		return OSV_ERR_IO;
+	}
+	for (;;)
+	{
+		size_t		got;
+
+		if (len == cap)
+		{
+			size_t		ncap = cap == 0 ? 1 << 16 : cap * 2;
+			uint8_t    *nbuf;
+
+			if (cap >= MAX_FILE_BYTES || (nbuf = realloc(buf, ncap)) == NULL)
+			{
+				free(buf);
+				fclose(f);
+				err->status = cap >= MAX_FILE_BYTES ? OSV_ERR_LIMIT : OSV_ERR_NOMEM;
+				snprintf(err->message, sizeof(err->message), "%s",
+						 cap >= MAX_FILE_BYTES ? "file is larger than 1 GiB"
+						 : "out of memory reading the file");
+				err->detail[0] = '\0';
+				return err->status;
+			}
+			buf = nbuf;
+			cap = ncap;
+		}
+		got = fread(buf + len, 1, cap - len, f);
+		len += got;
+		if (got == 0)
+			break;
+	}
+	if (ferror(f))
+	{
+		free(buf);
+		fclose(f);
+		err->status = OSV_ERR_IO;
+		snprintf(err->message, sizeof(err->message), "could not read file");
+		err->detail[0] = '\0';
+		return OSV_ERR_IO;
+	}
+	fclose(f);
+	*data = buf;
+	*size = len;
+	return OSV_OK;
+}
+
+/* Set the BLAS threads, open the model and a context; false after a message. */
+static bool
+open_model(const options *opt, osv_model **model, osv_context **ctx)
+{
+	osv_error	err;
+
+	osv_blas_set_threads(opt->threads);
+	if (osv_model_open(opt->model_dir, opt->quadtree, model, &err) != OSV_OK)
+	{
+		fprintf(stderr, "osv5m: could not open model \"%s\": %s\n",
+				opt->model_dir, err.message);
+		if (err.detail[0] != '\0')
+			fprintf(stderr, "osv5m: %s\n", err.detail);
+		return false;
+	}
+	if (osv_context_new(*model, ctx, &err) != OSV_OK)
+	{
+		fprintf(stderr, "osv5m: %s\n", err.message);
+		osv_model_close(*model);
+		*model = NULL;
+		return false;
+	}
+	return true;
+}
+
+/* Read and run one file; false (after printing its error line) if it failed. */
+static bool
+run_file(osv_context *ctx, const options *opt, const char *file)
+{
+	osv_params	params = osv_default_params();
+	osv_error	err;
+	uint8_t    *data;
+	size_t		size;
+	osv_status	status;
+
+	params.max_pixels = opt->max_pixels;
+	if (read_file(file, &data, &size, &err) != OSV_OK)
+	{
+		json_file_error(file, &err);
+		return false;
+	}
+	status = osv_run_image(ctx, data, size, &params, &err);
+	free(data);
+	if (status != OSV_OK)
+	{
+		json_file_error(file, &err);
+		return false;
+	}
+	return true;
+}
+
+/* ---- commands ------------------------------------------------------------ */
+
+/* Print lat, lon, cell and probability: the members of a file's line. */
+static void
+print_best(const osv_prediction *p)
+{
+	fputs("\"lat\":", stdout);
+	json_double(stdout, p->lat);
+	fputs(",\"lon\":", stdout);
+	json_double(stdout, p->lon);
+	printf(",\"cell\":%d,\"probability\":", p->cell);
+	json_double(stdout, p->probability);
+}
+
+/* Print one element of "top": {"cell", "probability", "lat", "lon"}. */
+static void
+print_candidate(const osv_prediction *p)
+{
+	printf("{\"cell\":%d,\"probability\":", p->cell);
+	json_double(stdout, p->probability);
+	fputs(",\"lat\":", stdout);
+	json_double(stdout, p->lat);
+	fputs(",\"lon\":", stdout);
+	json_double(stdout, p->lon);
+	fputc('}', stdout);
+}
+
+static int
+cmd_geolocate(const options *opt, int nfiles, char **files)
+{
+	osv_model  *model;
+	osv_context *ctx;
+	osv_prediction *top = NULL;
+	bool		failed = false;
+
+	if (opt->top > 0 && (top = calloc((size_t) opt->top, sizeof(*top))) == NULL)
+	{
+		fprintf(stderr, "osv5m: out of memory\n");
+		return EXIT_USAGE;
+	}
+	if (!open_model(opt, &model, &ctx))
+	{
+		free(top);
+		return EXIT_USAGE;
+	}
+	for (int i = 0; i < nfiles; i++)
+	{
+		osv_prediction best;
+
+		if (!run_file(ctx, opt, files[i]))
+		{
+			failed = true;
+			continue;
+		}
+		osv_context_topk(ctx, 1, &best);
+		fputs("{\"file\":", stdout);
+		json_string(stdout, files[i]);
+		fputc(',', stdout);
+		print_best(&best);
+		if (top != NULL)
+		{
+			int			n = osv_context_topk(ctx, opt->top, top);
+
+			fputs(",\"top\":[", stdout);
+			for (int j = 0; j < n; j++)
+			{
+				if (j > 0)
+					fputc(',', stdout);
+				print_candidate(&top[j]);
+			}
+			fputc(']', stdout);
+		}
+		fputs("}\n", stdout);
+		fflush(stdout);
+	}
+	osv_context_free(ctx);
+	osv_model_close(model);
+	free(top);
+	return failed ? EXIT_FILE_FAILED : 0;
+}
+
+static int
+cmd_embed(const options *opt, int nfiles, char **files)
+{
+	osv_model  *model;
+	osv_context *ctx;
+	bool		failed = false;
+	int			dim;
+
+	if (!open_model(opt, &model, &ctx))
+		return EXIT_USAGE;
+	dim = osv_model_get_info(model)->hidden_size;
+	for (int i = 0; i < nfiles; i++)
+	{
+		const float *feature;
+
+		if (!run_file(ctx, opt, files[i]))
+		{
+			failed = true;
+			continue;
+		}
+		feature = osv_context_feature(ctx);
+		fputs("{\"file\":", stdout);
+		json_string(stdout, files[i]);
+		fputs(",\"embedding\":[", stdout);
+		for (int j = 0; j < dim; j++)
+		{
+			if (j > 0)
+				fputc(',', stdout);
+			json_float(stdout, feature[j]);
+		}
+		fputs("]}\n", stdout);
+		fflush(stdout);
+	}
+	osv_context_free(ctx);
+	osv_model_close(model);
+	return failed ? EXIT_FILE_FAILED : 0;
+}
+
+/* FLOPs of the two MLP branches (what "head" times), in GFLOP. */
+static double
+head_gflop(const osv_model_info *info)
+{
+	double		d = info->hidden_size,
+				h1 = info->mid_hidden[0],
+				h2 = info->mid_hidden[1],
+				c = info->num_cells;
+
+	return 2.0 * (2.0 * (d * h1 + h1 * h2) + h2 * c + h2 * 2.0 * c) * 1e-9;
+}
+
+static int
+cmd_info(const options *opt)
+{
+	osv_model  *model;
+	osv_context *ctx;
+	const osv_model_info *info;
+
+	if (!open_model(opt, &model, &ctx))
+		return EXIT_USAGE;
+	info = osv_model_get_info(model);
+	printf("{\"version\":\"%s\"", OSV_VERSION);
+	printf(",\"hidden_size\":%d,\"num_layers\":%d,\"num_heads\":%d"
+		   ",\"intermediate_size\":%d,\"patch_size\":%d,\"image_size\":%d"
+		   ",\"mid_hidden\":[%d,%d],\"num_cells\":%d",
+		   info->hidden_size, info->num_layers, info->num_heads,
+		   info->intermediate_size, info->patch_size, info->image_size,
+		   info->mid_hidden[0], info->mid_hidden[1], info->num_cells);
+	printf(",\"hidden_act\":\"%s\"",
+		   info->hidden_act == OSV_ACT_QUICK_GELU ? "quick_gelu" : "gelu");
+	fputs(",\"layer_norm_eps\":", stdout);
+	json_float(stdout, info->layer_norm_eps);
+	fputs(",\"image_mean\":[", stdout);
+	for (int i = 0; i < 3; i++)
+	{
+		if (i > 0)
+			fputc(',', stdout);
+		json_float(stdout, info->image_mean[i]);
+	}
+	fputs("],\"image_std\":[", stdout);
+	for (int i = 0; i < 3; i++)
+	{
+		if (i > 0)
+			fputc(',', stdout);
+		json_float(stdout, info->image_std[i]);
+	}
+	fputs("],\"scale_tanh\":", stdout);
+	json_double(stdout, info->scale_tanh);
+	printf(",\"dtype\":\"%s\",\"file_size\":%llu,\"num_parameters\":%llu",
+		   osv_dtype_name(info->dtype), (unsigned long long) info->file_size,
+		   (unsigned long long) info->num_parameters);
+	fputs(",\"gflop_per_image\":", stdout);
+	json_double(stdout, info->gflop_per_image);
+	fputs(",\"weights_path\":", stdout);
+	json_string(stdout, info->weights_path);
+	fputs(",\"quadtree_path\":", stdout);
+	json_string(stdout, info->quadtree_path);
+	fputs(",\"config_path\":", stdout);
+	json_string(stdout, info->config_path);
+	fputs(",\"blas_core\":", stdout);
+	json_string(stdout, osv_blas_core_name());
+	printf(",\"blas_threads\":%d}\n", osv_blas_threads());
+	osv_context_free(ctx);
+	osv_model_close(model);
+	return 0;
+}
+
+/* qsort order of doubles. */
+static int
+compare_doubles(const void *a, const void *b)
+{
+	double		x = *(const double *) a,
+				y = *(const double *) b;
+
+	return (x > y) - (x < y);
+}
+
+/* Median of n values (sorts them). */
+static double
+median(double *v, int n)
+{
+	qsort(v, (size_t) n, sizeof(double), compare_doubles);
+	return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+#define NSTAGES 5
+
+static int
+cmd_bench(const options *opt, int nfiles, char **files)
+{
+	static const char *const stages[NSTAGES] = {
+		"decode", "preprocess", "backbone", "head", "total"
+	};
+	osv_model  *model;
+	osv_context *ctx;
+	const osv_model_info *info;
+	uint8_t   **data;
+	size_t	   *sizes;
+	double	   *samples[NSTAGES] = {NULL};
+	double		med[NSTAGES],
+				mins[NSTAGES];
+	osv_params	params = osv_default_params();
+	int			runs = 0,
+				total_runs;
+	int			rc = 0;
+
+	if ((long long) opt->iters * nfiles > 1000000)
+		return usage_error("bench", "%s", "too many runs (iters x files > 1000000)");
+	total_runs = opt->iters * nfiles;
+	if (!open_model(opt, &model, &ctx))
+		return EXIT_USAGE;
+	info = osv_model_get_info(model);
+	params.max_pixels = opt->max_pixels;
+
+	data = calloc((size_t) nfiles, sizeof(*data));
+	sizes = calloc((size_t) nfiles, sizeof(*sizes));
+	for (int s = 0; s < NSTAGES; s++)
+		samples[s] = calloc((size_t) total_runs, sizeof(double));
+	if (data == NULL || sizes == NULL || samples[0] == NULL || samples[1] == NULL ||
+		samples[2] == NULL || samples[3] == NULL || samples[4] == NULL)
+	{
+		fprintf(stderr, "osv5m: out of memory\n");
+		rc = EXIT_USAGE;
+		goto done;
+	}
+	/* files are read once: the benchmark times the core, not the disk */
+	for (int i = 0; i < nfiles; i++)
+	{
+		osv_error	err;
+
+		if (read_file(files[i], &data[i], &sizes[i], &err) != OSV_OK)
+		{
+			fprintf(stderr, "osv5m: %s: %s\n", files[i], err.message);
+			rc = EXIT_FILE_FAILED;
+			goto done;
+		}
+	}
+	for (int it = -opt->warmup; it < opt->iters; it++)
+		for (int i = 0; i < nfiles; i++)
+		{
+			osv_error	err;
+			osv_timings t;
+			double		t0 = now();
+
+			if (osv_run_image(ctx, data[i], sizes[i], &params, &err) != OSV_OK)
+			{
+				fprintf(stderr, "osv5m: %s: %s\n", files[i], err.message);
+				rc = EXIT_FILE_FAILED;
+				goto done;
+			}
+			if (it < 0)
+				continue;
+			t = osv_context_timings(ctx);
+			samples[0][runs] = t.decode;
+			samples[1][runs] = t.preprocess;
+			samples[2][runs] = t.backbone;
+			samples[3][runs] = t.head;
+			samples[4][runs] = now() - t0;
+			runs++;
+		}
+	for (int s = 0; s < NSTAGES; s++)
+	{
+		med[s] = median(samples[s], runs);
+		mins[s] = samples[s][0];	/* sorted by median() */
+	}
+	{
+		double		gflops = info->gflop_per_image / med[4];
+		double		backbone_gflops = (info->gflop_per_image - head_gflop(info)) / med[2];
+
+		if (opt->json)
+		{
+			fputs("{\"model\":", stdout);
+			json_string(stdout, opt->model_dir);
+			fputs(",\"blas_core\":", stdout);
+			json_string(stdout, osv_blas_core_name());
+			printf(",\"threads\":%d,\"iters\":%d,\"files\":%d,\"runs\":%d",
+				   osv_blas_threads(), opt->iters, nfiles, runs);
+			fputs(",\"gflop_per_image\":", stdout);
+			json_double(stdout, info->gflop_per_image);
+			fputs(",\"median_s\":{", stdout);
+			for (int s = 0; s < NSTAGES; s++)
+			{
+				printf("%s\"%s\":", s ? "," : "", stages[s]);
+				json_double(stdout, med[s]);
+			}
+			fputs("},\"min_s\":{", stdout);
+			for (int s = 0; s < NSTAGES; s++)
+			{
+				printf("%s\"%s\":", s ? "," : "", stages[s]);
+				json_double(stdout, mins[s]);
+			}
+			fputs("},\"gflops\":", stdout);
+			json_double(stdout, gflops);
+			fputs(",\"backbone_gflops\":", stdout);
+			json_double(stdout, backbone_gflops);
+			fputs("}\n", stdout);
+		}
+		else
+		{
+			printf("model %s: %.3f GFLOP/image, BLAS %s, %d thread(s), %d run(s)\n",
+				   opt->model_dir, info->gflop_per_image, osv_blas_core_name(),
+				   osv_blas_threads(), runs);
+			printf("%-12s %12s %12s\n", "stage", "median ms", "min ms");
+			for (int s = 0; s < NSTAGES; s++)
+				printf("%-12s %12.3f %12.3f\n", stages[s], med[s] * 1e3, mins[s] * 1e3);
+			printf("%.2f GFLOP/s overall, %.2f GFLOP/s in the backbone\n",
+				   gflops, backbone_gflops);
+		}
+	}
+
+done:
+	for (int i = 0; i < nfiles && data != NULL; i++)
+		free(data[i]);
+	free(data);
+	free(sizes);
+	for (int s = 0; s < NSTAGES; s++)
+		free(samples[s]);
+	osv_context_free(ctx);
+	osv_model_close(model);
+	return rc;
+}
+
+/* ---- main ---------------------------------------------------------------- */
+
+/* OPENBLAS_NUM_THREADS if set and valid, else the online CPUs. */
+static int
+default_threads(void)
+{
+	const char *env = getenv("OPENBLAS_NUM_THREADS");
+	long long	v;
+	long		n;
+
+	if (env != NULL && parse_int(env, 1, 1024, &v))
+		return (int) v;
+	n = sysconf(_SC_NPROCESSORS_ONLN);
+	return n >= 1 && n <= 1024 ? (int) n : 1;
+}
+
+int
+main(int argc, char **argv)
+{
+	enum
+	{
+		OPT_MODEL = 256, OPT_QUADTREE, OPT_TOP, OPT_THREADS, OPT_MAX_PIXELS,
+		OPT_ITERS, OPT_WARMUP, OPT_JSON, OPT_HELP
+	};
+	static const struct option longopts[] = {
+		{"model", required_argument, NULL, OPT_MODEL},
+		{"quadtree", required_argument, NULL, OPT_QUADTREE},
+		{"top", required_argument, NULL, OPT_TOP},
+		{"threads", required_argument, NULL, OPT_THREADS},
+		{"max-pixels", required_argument, NULL, OPT_MAX_PIXELS},
+		{"iters", required_argument, NULL, OPT_ITERS},
+		{"warmup", required_argument, NULL, OPT_WARMUP},
+		{"json", no_argument, NULL, OPT_JSON},
+		{"help", no_argument, NULL, OPT_HELP},
+		{NULL, 0, NULL, 0}
+	};
+	options		opt;
+	const char *command;
+	bool		geolocate,
+				embed,
+				info,
+				bench;
+	int			c;
+	long long	v;
+
+	if (argc < 2)
+	{
+		print_usage(stderr, NULL);
+		return EXIT_USAGE;
+	}
+	command = argv[1];
+	if (strcmp(command, "--help") == 0 || strcmp(command, "-h") == 0 ||
+		strcmp(command, "help") == 0)
+	{
+		print_usage(stdout, argc > 2 ? argv[2] : NULL);
+		return 0;
+	}
+	if (strcmp(command, "--version") == 0)
+	{
+		printf("osv5m %s\n", OSV_VERSION);
+		return 0;
+	}
+	geolocate = strcmp(command, "geolocate") == 0;
+	embed = strcmp(command, "embed") == 0;
+	info = strcmp(command, "info") == 0;
+	bench = strcmp(command, "bench") == 0;
+	if (!geolocate && !embed && !info && !bench)
+		return usage_error(NULL, "unknown command \"%s\"", command);
+
+	memset(&opt, 0, sizeof(opt));
+	opt.threads = default_threads();
+	opt.max_pixels = OSV_DEFAULT_MAX_PIXELS;
+	opt.iters = 3;
+	opt.warmup = 1;
+
+	/* options after the command; "--" ends them; ':' reports a missing value */
+	optind = 2;
+	opterr = 0;
+	while ((c = getopt_long(argc, argv, "+:", longopts, NULL)) != -1)
+	{
+		const char *arg = optarg;
+
+		switch (c)
+		{
+			case OPT_MODEL:
+				opt.model_dir = arg;
+				break;
+			case OPT_QUADTREE:
+				opt.quadtree = arg;
+				break;
+			case OPT_TOP:
+				if (!geolocate)
+					return usage_error(command, "%s", "--top is an option of geolocate only");
+				/* 0 is the default: no "top" member */
+				if (!parse_int(arg, 0, 1 << 24, &v))
+					return usage_error(command, "invalid --top \"%s\" (an integer >= 0)", arg);
+				opt.top = (int) v;
+				break;
+			case OPT_THREADS:
+				if (!parse_int(arg, 1, 1024, &v))
+					return usage_error(command, "invalid --threads \"%s\" (1 to 1024)", arg);
+				opt.threads = (int) v;
+				break;
+			case OPT_MAX_PIXELS:
+				if (info)
+					return usage_error(command, "%s", "--max-pixels is not an option of info");
+				if (!parse_int(arg, 1, INT64_MAX, &v))
+					return usage_error(command, "invalid --max-pixels \"%s\" (an integer >= 1)", arg);
+				opt.max_pixels = (uint64_t) v;
+				break;
+			case OPT_ITERS:
+			case OPT_WARMUP:
+				if (!bench)
+					return usage_error(command, "%s", "--iters and --warmup are options of bench only");
+				if (!parse_int(arg, c == OPT_ITERS ? 1 : 0, 1000000, &v))
+					return usage_error(command, "invalid --iters or --warmup \"%s\"", arg);
+				if (c == OPT_ITERS)
+					opt.iters = (int) v;
+				else
+					opt.warmup = (int) v;
+				break;
+			case OPT_JSON:
+				if (!bench)
+					return usage_error(command, "%s", "--json is an option of bench only");
+				opt.json = true;
+				break;
+			case OPT_HELP:
+				print_usage(stdout, command);
+				return 0;
+			case ':':
+				return usage_error(command, "option \"%s\" needs a value", argv[optind - 1]);
+			default:
+				return usage_error(command, "unknown option \"%s\"", argv[optind - 1]);
+		}
+	}
+	if (opt.model_dir == NULL)
+		return usage_error(command, "%s", "--model DIR is required");
+	if (info && optind < argc)
+		return usage_error(command, "unexpected argument \"%s\"", argv[optind]);
+	if (!info && optind >= argc)
+		return usage_error(command, "%s", "no image FILE given");
+
+	if (geolocate)
+		return cmd_geolocate(&opt, argc - optind, argv + optind);
+	if (embed)
+		return cmd_embed(&opt, argc - optind, argv + optind);
+	if (info)
+		return cmd_info(&opt);
+	return cmd_bench(&opt, argc - optind, argv + optind);
+}

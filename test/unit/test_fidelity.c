@@ -1,0 +1,595 @@
+/*
+ * test_fidelity.c: the core against the PyTorch reference.
+ *
+ * For every model directory test/models/<name>/ and every golden file
+ * test/golden/models/<name>/<image>.safetensors (written by
+ * test/reference/make_golden.py), runs osv_run_image on
+ * test/data/images/<image> and compares the preprocessed tensor, the
+ * feature, logits and regression, the cell, the point and the top-k cells
+ * with the reference's.  The network is also run on the reference's own
+ * pixels (osv_run_pixels), so that it is tested independently of decoding
+ * and resizing.  Then, on the first model: the abort callback (stop before
+ * block 1, the context stays usable and gives the same result), determinism
+ * (the same image twice gives bitwise the same outputs) and the edge cases
+ * of the result accessors.
+ *
+ * With no models or no golden files the test fails: it must never pass
+ * without having compared anything.  Run from the repository root.
+ */
+#include "network.h"
+
+#include "check.h"
+
+#include <dirent.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MODELS_DIR "test/models"
+#define GOLDEN_DIR "test/golden/models"
+#define IMAGES_DIR "test/data/images"
+
+/* Tolerances (see the brief in the file header). */
+#define FEATURE_RTOL 1e-4		/* ||a - b|| / ||b|| */
+#define LOGITS_RTOL 1e-4
+#define LATLON_TOL 1e-4			/* degrees */
+#define PROB_TOL 1e-5			/* absolute */
+#define MAX_NAMES 512
+#define MAX_TOPK 64
+
+/* Worst differences seen over one model's images. */
+typedef struct stats
+{
+	int			images;
+	int			pixel_runs;
+	double		pixels;			/* max abs, preprocessing */
+	double		feature;		/* max relative norm error */
+	double		logits;
+	double		regression;
+	double		latlon;			/* max degrees */
+	double		probs;			/* max abs */
+	double		feature_px;		/* the same, network on the golden pixels */
+	double		latlon_px;
+} stats;
+
+/* qsort order of C strings. */
+static int
+compare_names(const void *a, const void *b)
+{
+	return strcmp(*(char *const *) a, *(char *const *) b);
+}
+
+/* Sorted names in dir ending with suffix (malloc'ed); returns how many. */
+static int
+list_dir(const char *dir, const char *suffix, char **names)
+{
+	DIR		   *d = opendir(dir);
+	struct dirent *e;
+	int			n = 0;
+	size_t		sl = strlen(suffix);
+
+	if (d == NULL)
+		return 0;
+	while ((e = readdir(d)) != NULL && n < MAX_NAMES)
+	{
+		size_t		len = strlen(e->d_name);
+
+		if (e->d_name[0] == '.' || len < sl || strcmp(e->d_name + len - sl, suffix) != 0)
+			continue;
+		names[n++] = strdup(e->d_name);
+	}
+	closedir(d);
+	qsort(names, (size_t) n, sizeof(char *), compare_names);
+	return n;
+}
+
+/* Read a whole file; NULL if it cannot. */
+static uint8_t *
+slurp(const char *path, size_t *size)
+{
+	FILE	   *f = fopen(path, "rb");
+	uint8_t    *buf;
+	long		len;
+
+	if (f == NULL)
+		return NULL;
+	if (fseek(f, 0, SEEK_END) != 0 || (len = ftell(f)) < 0 || fseek(f, 0, SEEK_SET) != 0)
+	{
+		fclose(f);
+		return NULL;
+	}
+	buf = malloc((size_t) len + 1);
+	if (buf != NULL && fread(buf, 1, (size_t) len, f) != (size_t) len)
+	{
+		free(buf);
+		buf = NULL;
+	}
+	fclose(f);
+	*size = (size_t) len;
+	return buf;
+}
+
+/* The tensor name of golden file st with dtype and element count, or NULL. */
+static const osv_tensor *
+golden_tensor(const osv_safetensors *st, const char *name, osv_dtype dtype,
+			  uint64_t count, const char *file)
+{
+	const osv_tensor *t = osv_safetensors_find(st, name);
+
+	if (t == NULL)
+		return NULL;
+	CHECK(t->dtype == dtype && (count == 0 || t->num_elements == count),
+		  "%s: %s has dtype %s and %llu elements, expected %s and %llu", file,
+		  name, osv_dtype_name(t->dtype), (unsigned long long) t->num_elements,
+		  osv_dtype_name(dtype), (unsigned long long) count);
+	if (t->dtype != dtype || (count != 0 && t->num_elements != count))
+		return NULL;
+	return t;
+}
+
+/* A string member of the golden file's __metadata__, or NULL. */
+static const char *
+golden_meta(const osv_safetensors *st, const char *key)
+{
+	int			meta = osv_json_get(&st->header, 0, "__metadata__");
+	int			node;
+
+	if (meta < 0)
+		return NULL;
+	node = osv_json_get(&st->header, meta, key);
+	if (node < 0 || st->header.nodes[node].type != OSV_JSON_STRING)
+		return NULL;
+	return st->header.nodes[node].string;
+}
+
+/* ||a - b|| / ||b|| in double. */
+static double
+relative_error(const float *a, const float *b, size_t n)
+{
+	double		num = 0.0,
+				den = 0.0;
+
+	for (size_t i = 0; i < n; i++)
+	{
+		double		d = (double) a[i] - (double) b[i];
+
+		num += d * d;
+		den += (double) b[i] * b[i];
+	}
+	return den > 0.0 ? sqrt(num / den) : sqrt(num);
+}
+
+/*
+ * Error of a predicted point against the reference's, as a fraction of its
+ * tolerance (<= 1 passes).  The tolerance is LATLON_TOL plus what the
+ * regression tolerance allows: a regression error delta moves the point by
+ * up to scale_tanh * delta * (the cell's extent), which in a large cell of
+ * a tiny test model exceeds 1e-4 degrees for float32 rounding alone.
+ */
+static double
+point_error(const osv_context *ctx, const osv_prediction *p, const double *ref,
+			const float *ref_reg)
+{
+	const osv_cell *cell = &ctx->model->cells[p->cell];
+	double		rms = 0.0,
+				delta,
+				tol_lat,
+				tol_lon;
+	size_t		n = 2 * (size_t) ctx->cells;
+
+	for (size_t i = 0; i < n; i++)
+		rms += (double) ref_reg[i] * ref_reg[i];
+	rms = sqrt(rms / (double) n);
+	delta = LOGITS_RTOL * rms;
+	tol_lat = LATLON_TOL + ctx->model->info.scale_tanh * delta * (cell->max_lat - cell->min_lat);
+	tol_lon = LATLON_TOL + ctx->model->info.scale_tanh * delta * (cell->max_lon - cell->min_lon);
+	return fmax(fabs(p->lat - ref[0]) / tol_lat, fabs(p->lon - ref[1]) / tol_lon);
+}
+
+/* Compare the context's last run with the golden outputs; updates the worst. */
+static void
+compare_outputs(const osv_context *ctx, const osv_safetensors *g,
+				const char *what, double *feature_err, double *latlon_err,
+				stats *s)
+{
+	int			d = ctx->hidden,
+				c = ctx->cells;
+	const osv_tensor *feature = golden_tensor(g, "feature", OSV_DTYPE_F32, d, what);
+	const osv_tensor *logits = golden_tensor(g, "logits", OSV_DTYPE_F32, c, what);
+	const osv_tensor *reg = golden_tensor(g, "regression", OSV_DTYPE_F32, 2 * (uint64_t) c, what);
+	const osv_tensor *cell = golden_tensor(g, "cell", OSV_DTYPE_I64, 1, what);
+	const osv_tensor *latlon = golden_tensor(g, "latlon", OSV_DTYPE_F64, 2, what);
+	const osv_tensor *tcells = golden_tensor(g, "topk_cells", OSV_DTYPE_I64, 0, what);
+	const osv_tensor *tprobs = golden_tensor(g, "topk_probs", OSV_DTYPE_F64, 0, what);
+	const osv_tensor *tlatlon = golden_tensor(g, "topk_latlon", OSV_DTYPE_F64, 0, what);
+	osv_prediction top[MAX_TOPK];
+	double		e;
+	float	   *saved;
+
+	CHECK(feature && logits && reg && cell && latlon && tcells && tprobs && tlatlon,
+		  "%s: a golden tensor is missing or malformed", what);
+	if (!(feature && logits && reg && cell && latlon && tcells && tprobs && tlatlon))
+		return;
+
+	e = relative_error(osv_context_feature(ctx), feature->data, (size_t) d);
+	CHECK(e <= FEATURE_RTOL, "%s: feature relative error %.3g", what, e);
+	*feature_err = fmax(*feature_err, e);
+	e = relative_error(osv_context_logits(ctx), logits->data, (size_t) c);
+	CHECK(e <= LOGITS_RTOL, "%s: logits relative error %.3g", what, e);
+	s->logits = fmax(s->logits, e);
+	e = relative_error(osv_context_regression(ctx), reg->data, 2 * (size_t) c);
+	CHECK(e <= LOGITS_RTOL, "%s: regression relative error %.3g", what, e);
+	s->regression = fmax(s->regression, e);
+
+	{
+		int64_t		gcell = ((const int64_t *) cell->data)[0];
+		const double *ll = latlon->data;
+		int			n = osv_context_topk(ctx, 1, top);
+
+		CHECK(n == 1 && top[0].cell == gcell, "%s: cell %d, reference %lld",
+			  what, top[0].cell, (long long) gcell);
+		CHECK(ctx->cell == top[0].cell, "%s: argmax %d but top-1 %d", what,
+			  ctx->cell, top[0].cell);
+		e = point_error(ctx, &top[0], ll, reg->data);
+		CHECK(e <= 1.0, "%s: point (%.9f, %.9f), reference (%.9f, %.9f)",
+			  what, top[0].lat, top[0].lon, ll[0], ll[1]);
+		*latlon_err = fmax(*latlon_err, fmax(fabs(top[0].lat - ll[0]),
+											 fabs(top[0].lon - ll[1])));
+	}
+
+	{
+		int			k = (int) tcells->num_elements;
+		const int64_t *gc = tcells->data;
+		const double *gp = tprobs->data;
+		const double *gl = tlatlon->data;
+		int			n;
+
+		CHECK(k >= 1 && k <= MAX_TOPK && tprobs->num_elements == (uint64_t) k &&
+			  tlatlon->num_elements == 2 * (uint64_t) k, "%s: top-k shapes", what);
+		if (k < 1 || k > MAX_TOPK || tprobs->num_elements != (uint64_t) k ||
+			tlatlon->num_elements != 2 * (uint64_t) k)
+			return;
+		n = osv_context_topk(ctx, k, top);
+		CHECK(n == k, "%s: topk returned %d of %d", what, n, k);
+		if (n != k)
+			return;
+		for (int i = 0; i < n; i++)
+		{
+			CHECK(top[i].cell == gc[i], "%s: top-%d cell %d, reference %lld",
+				  what, i + 1, top[i].cell, (long long) gc[i]);
+			e = fabs(top[i].probability - gp[i]);
+			CHECK(e <= PROB_TOL, "%s: top-%d probability %.9g, reference %.9g",
+				  what, i + 1, top[i].probability, gp[i]);
+			s->probs = fmax(s->probs, e);
+			e = point_error(ctx, &top[i], gl + 2 * i, reg->data);
+			CHECK(e <= 1.0, "%s: top-%d point off by %.3g of its tolerance", what, i + 1, e);
+			*latlon_err = fmax(*latlon_err, fmax(fabs(top[i].lat - gl[2 * i]),
+												 fabs(top[i].lon - gl[2 * i + 1])));
+		}
+
+		/*
+		 * The head's geometry alone, exactly: on the reference's own
+		 * regression our points must be the reference's to 1e-9 degrees.
+		 */
+		saved = malloc(2 * (size_t) c * sizeof(float));
+		memcpy(saved, ctx->regression, 2 * (size_t) c * sizeof(float));
+		memcpy(ctx->regression, reg->data, 2 * (size_t) c * sizeof(float));
+		for (int i = 0; i < k; i++)
+		{
+			osv_prediction p = osv_context_cell(ctx, (int) gc[i]);
+
+			CHECK(fabs(p.lat - gl[2 * i]) <= 1e-9 && fabs(p.lon - gl[2 * i + 1]) <= 1e-9,
+				  "%s: head geometry of cell %lld gives (%.12f, %.12f), reference (%.12f, %.12f)",
+				  what, (long long) gc[i], p.lat, p.lon, gl[2 * i], gl[2 * i + 1]);
+		}
+		memcpy(ctx->regression, saved, 2 * (size_t) c * sizeof(float));
+		free(saved);
+	}
+}
+
+/*
+ * The reference's preprocessed pixels for this golden file: its own, or
+ * those of the model named in __metadata__ "pixels" ("same as NAME").
+ * Returns a malloc'ed copy, or NULL when there are none.
+ */
+static float *
+golden_pixels(const osv_safetensors *g, const char *image, size_t count)
+{
+	const osv_tensor *t = golden_tensor(g, "pixels", OSV_DTYPE_F32, count, image);
+	const char *note = golden_meta(g, "pixels");
+	float	   *out = NULL;
+
+	if (t != NULL)
+	{
+		out = malloc(count * sizeof(float));
+		memcpy(out, t->data, count * sizeof(float));
+	}
+	else if (note != NULL && strncmp(note, "same as ", 8) == 0)
+	{
+		char		path[1024];
+		osv_safetensors other;
+		osv_error	err;
+
+		snprintf(path, sizeof(path), "%s/%s/%s.safetensors", GOLDEN_DIR, note + 8, image);
+		if (osv_safetensors_open(path, &other, &err) == OSV_OK)
+		{
+			t = golden_tensor(&other, "pixels", OSV_DTYPE_F32, count, path);
+			if (t != NULL)
+			{
+				out = malloc(count * sizeof(float));
+				memcpy(out, t->data, count * sizeof(float));
+			}
+			osv_safetensors_close(&other);
+		}
+	}
+	return out;
+}
+
+/* One golden file of one model. */
+static void
+check_golden(osv_context *ctx, const char *model, const char *file, stats *s)
+{
+	const osv_model_info *info = &ctx->model->info;
+	size_t		count = 3 * (size_t) info->image_size * info->image_size;
+	char		path[1024],
+				what[1024];
+	osv_safetensors g;
+	osv_error	err;
+	const char *image;
+	uint8_t    *bytes;
+	size_t		size;
+	float	   *pixels;
+	osv_status	status;
+
+	snprintf(path, sizeof(path), "%s/%s/%s", GOLDEN_DIR, model, file);
+	status = osv_safetensors_open(path, &g, &err);
+	CHECK(status == OSV_OK, "%s: %s", path, err.message);
+	if (status != OSV_OK)
+		return;
+	image = golden_meta(&g, "image");
+	CHECK(image != NULL, "%s: no __metadata__ image", path);
+	if (image == NULL)
+	{
+		osv_safetensors_close(&g);
+		return;
+	}
+
+	/* the whole path: bytes -> decode -> preprocess -> network */
+	snprintf(what, sizeof(what), "%s/%s", model, image);
+	snprintf(path, sizeof(path), "%s/%s", IMAGES_DIR, image);
+	bytes = slurp(path, &size);
+	CHECK(bytes != NULL, "cannot read %s", path);
+	if (bytes != NULL)
+	{
+		status = osv_run_image(ctx, bytes, size, NULL, &err);
+		CHECK(status == OSV_OK, "%s: %s", what, err.message);
+		free(bytes);
+		if (status == OSV_OK)
+		{
+			const osv_tensor *gp = golden_tensor(&g, "pixels", OSV_DTYPE_F32, count, what);
+
+			s->images++;
+			if (gp != NULL)
+			{
+				const float *ours = osv_context_pixels(ctx);
+				const float *ref = gp->data;
+				double		worst = 0.0;
+				/* one 8-bit step after normalisation, for PIL's off-by-one */
+				double		tol = 1.0 / 255.0 / fmin(fmin(info->image_std[0], info->image_std[1]),
+													 info->image_std[2]) + 1e-6;
+
+				for (size_t i = 0; i < count; i++)
+					worst = fmax(worst, fabs((double) ours[i] - ref[i]));
+				CHECK(worst <= tol, "%s: pixels differ by %.3g (tolerance %.3g)", what, worst, tol);
+				s->pixels = fmax(s->pixels, worst);
+			}
+			compare_outputs(ctx, &g, what, &s->feature, &s->latlon, s);
+		}
+	}
+
+	/* the network alone, on the reference's pixels */
+	pixels = golden_pixels(&g, image, count);
+	if (pixels != NULL)
+	{
+		snprintf(what, sizeof(what), "%s/%s (reference pixels)", model, image);
+		status = osv_run_pixels(ctx, pixels, NULL, &err);
+		CHECK(status == OSV_OK, "%s: %s", what, err.message);
+		if (status == OSV_OK)
+		{
+			s->pixel_runs++;
+			compare_outputs(ctx, &g, what, &s->feature_px, &s->latlon_px, s);
+		}
+		free(pixels);
+	}
+	osv_safetensors_close(&g);
+}
+
+/* Abort callback: stop on the call number *(int *) data counts down to. */
+static bool
+abort_at(void *data)
+{
+	int		   *left = data;
+
+	return --(*left) < 0;
+}
+
+/* Abort, determinism and accessor edge cases on one model and image. */
+static void
+check_run_state(osv_context *ctx, const char *image)
+{
+	char		path[1024];
+	uint8_t    *bytes;
+	size_t		size;
+	osv_error	err;
+	osv_params	params = osv_default_params();
+	int			d = ctx->hidden,
+				c = ctx->cells;
+	float	   *feature = malloc((size_t) d * sizeof(float));
+	float	   *logits = malloc((size_t) c * sizeof(float));
+	float	   *reg = malloc(2 * (size_t) c * sizeof(float));
+	int			left;
+	osv_status	status;
+	osv_prediction p[4];
+	static const uint8_t garbage[] = "this is not an image";
+
+	snprintf(path, sizeof(path), "%s/%s", IMAGES_DIR, image);
+	bytes = slurp(path, &size);
+	CHECK(bytes != NULL, "cannot read %s", path);
+	if (bytes == NULL)
+		goto done;
+
+	/* determinism: the same image twice gives bitwise the same outputs */
+	status = osv_run_image(ctx, bytes, size, &params, &err);
+	CHECK(status == OSV_OK, "first run: %s", err.message);
+	memcpy(feature, osv_context_feature(ctx), (size_t) d * sizeof(float));
+	memcpy(logits, osv_context_logits(ctx), (size_t) c * sizeof(float));
+	memcpy(reg, osv_context_regression(ctx), 2 * (size_t) c * sizeof(float));
+	status = osv_run_image(ctx, bytes, size, &params, &err);
+	CHECK(status == OSV_OK, "second run: %s", err.message);
+	CHECK(memcmp(feature, osv_context_feature(ctx), (size_t) d * sizeof(float)) == 0 &&
+		  memcmp(logits, osv_context_logits(ctx), (size_t) c * sizeof(float)) == 0 &&
+		  memcmp(reg, osv_context_regression(ctx), 2 * (size_t) c * sizeof(float)) == 0,
+		  "two runs of %s differ", image);
+
+	/* abort before block 1 (or 0 for a one-block model): calls 0 and 1 */
+	left = ctx->model->info.num_layers >= 2 ? 1 : 0;
+	params.abort_callback = abort_at;
+	params.abort_data = &left;
+	status = osv_run_image(ctx, bytes, size, &params, &err);
+	CHECK(status == OSV_ERR_ABORTED && err.status == OSV_ERR_ABORTED,
+		  "abort gave status %d (%s)", status, err.message);
+	CHECK(strstr(err.message, "aborted") != NULL, "abort message \"%s\"", err.message);
+	CHECK(osv_context_topk(ctx, 1, p) == 0, "an aborted run has no result");
+	CHECK(osv_context_cell(ctx, 0).cell == -1, "an aborted run has no cell result");
+
+	/* a callback that never fires is polled and changes nothing */
+	left = 1 << 30;
+	status = osv_run_image(ctx, bytes, size, &params, &err);
+	CHECK(status == OSV_OK, "run after abort: %s", err.message);
+	CHECK(left == (1 << 30) - ctx->model->info.num_layers - 1,
+		  "abort callback polled %d times, expected %d", (1 << 30) - left,
+		  ctx->model->info.num_layers + 1);
+	CHECK(memcmp(feature, osv_context_feature(ctx), (size_t) d * sizeof(float)) == 0 &&
+		  memcmp(logits, osv_context_logits(ctx), (size_t) c * sizeof(float)) == 0,
+		  "the run after an abort differs");
+
+	/* accessors */
+	{
+		osv_prediction all[2];
+		int			n = osv_context_topk(ctx, 3, p);
+
+		CHECK(n == (c < 3 ? c : 3), "topk(3) returned %d", n);
+		for (int i = 1; i < n; i++)
+			CHECK(p[i - 1].probability > p[i].probability ||
+				  (p[i - 1].probability == p[i].probability && p[i - 1].cell < p[i].cell),
+				  "top-k not sorted at %d", i);
+		CHECK(p[0].cell == ctx->cell, "top-1 %d is not the argmax %d", p[0].cell, ctx->cell);
+		CHECK(osv_context_topk(ctx, 0, all) == 0, "topk(0)");
+		CHECK(osv_context_cell(ctx, -1).cell == -1 && osv_context_cell(ctx, c).cell == -1,
+			  "cells out of range");
+		CHECK(osv_context_cell(ctx, p[0].cell).lat == p[0].lat, "cell() agrees with topk()");
+		CHECK(fabs(p[0].lat) <= 90.0 && fabs(p[0].lon) <= 180.0, "point in range");
+	}
+
+	/* a bad image fails cleanly and leaves the context usable */
+	status = osv_run_image(ctx, garbage, sizeof(garbage), NULL, &err);
+	CHECK(status == OSV_ERR_IMAGE_UNSUPPORTED || status == OSV_ERR_IMAGE_CORRUPT,
+		  "garbage gave status %d (%s)", status, err.message);
+	status = osv_run_image(ctx, bytes, size, NULL, &err);
+	CHECK(status == OSV_OK && memcmp(feature, osv_context_feature(ctx),
+									 (size_t) d * sizeof(float)) == 0,
+		  "run after a bad image differs");
+	/* osv_run_pixels on the context's own pixels (memmove) */
+	status = osv_run_pixels(ctx, osv_context_pixels(ctx), NULL, &err);
+	CHECK(status == OSV_OK && memcmp(feature, osv_context_feature(ctx),
+									 (size_t) d * sizeof(float)) == 0,
+		  "run on the context's own pixels differs");
+
+done:
+	free(bytes);
+	free(feature);
+	free(logits);
+	free(reg);
+}
+
+int
+main(void)
+{
+	char	   *models[MAX_NAMES];
+	int			nmodels = 0;
+	int			compared = 0;
+	bool		state_checked = false;
+	DIR		   *d = opendir(MODELS_DIR);
+	struct dirent *e;
+
+	/* model directories: those holding a model.safetensors */
+	while (d != NULL && (e = readdir(d)) != NULL && nmodels < MAX_NAMES)
+	{
+		char		path[1024];
+		FILE	   *f;
+
+		if (e->d_name[0] == '.')
+			continue;
+		snprintf(path, sizeof(path), "%s/%s/model.safetensors", MODELS_DIR, e->d_name);
+		if ((f = fopen(path, "rb")) == NULL)
+			continue;
+		fclose(f);
+		models[nmodels++] = strdup(e->d_name);
+	}
+	if (d != NULL)
+		closedir(d);
+	qsort(models, (size_t) nmodels, sizeof(char *), compare_names);
+	CHECK(nmodels > 0, "no models in %s: nothing was compared", MODELS_DIR);
+
+	for (int m = 0; m < nmodels; m++)
+	{
+		char		dir[1024];
+		char	   *golden[MAX_NAMES];
+		int			ngolden;
+		osv_model  *model = NULL;
+		osv_context *ctx = NULL;
+		osv_error	err;
+		osv_status	status;
+		stats		s;
+
+		memset(&s, 0, sizeof(s));
+		snprintf(dir, sizeof(dir), "%s/%s", MODELS_DIR, models[m]);
+		status = osv_model_open(dir, NULL, &model, &err);
+		CHECK(status == OSV_OK, "%s: %s", dir, err.message);
+		if (status == OSV_OK)
+		{
+			status = osv_context_new(model, &ctx, &err);
+			CHECK(status == OSV_OK, "%s: context: %s", dir, err.message);
+		}
+		snprintf(dir, sizeof(dir), "%s/%s", GOLDEN_DIR, models[m]);
+		ngolden = list_dir(dir, ".safetensors", golden);
+		CHECK(ngolden > 0, "no golden files in %s", dir);
+		for (int i = 0; i < ngolden; i++)
+		{
+			if (ctx != NULL)
+				check_golden(ctx, models[m], golden[i], &s);
+			/* the run-state checks once, on the first model with an image */
+			if (ctx != NULL && !state_checked && i == 0 && s.images > 0)
+			{
+				char		image[512];
+
+				snprintf(image, sizeof(image), "%.*s", (int) (strlen(golden[i]) - 12), golden[i]);
+				check_run_state(ctx, image);
+				state_checked = true;
+			}
+			free(golden[i]);
+		}
+		compared += s.images;
+		printf("%s: %d images, %d on reference pixels; max pixel diff %.3g, "
+			   "feature rel err %.3g (%.3g on reference pixels), logits %.3g, "
+			   "regression %.3g, point %.3g deg (%.3g), top-k prob %.3g\n",
+			   models[m], s.images, s.pixel_runs, s.pixels, s.feature, s.feature_px,
+			   s.logits, s.regression, s.latlon, s.latlon_px, s.probs);
+		osv_context_free(ctx);
+		osv_model_close(model);
+		free(models[m]);
+	}
+	CHECK(compared > 0, "no image was compared with the reference");
+	CHECK(state_checked, "the abort and determinism checks did not run");
+	return check_summary("test_fidelity");
+}
