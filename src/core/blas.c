@@ -9,6 +9,13 @@
  * count, no thread exists before it is needed and the postmaster never has
  * one.  The cost is one dlopen (about a millisecond) per process.
  *
+ * The kernel family: OpenBLAS 0.3.21 picks its kernels from the CPU model
+ * number and falls back to its AVX2 ("Haswell") kernels on AVX-512 CPUs it
+ * does not know, such as recent AMD EPYC, which halves the SGEMM rate.  When
+ * the user has not chosen (OPENBLAS_CORETYPE unset) and the CPU and OS
+ * support AVX-512, we ask for the SkylakeX kernels, the AVX-512 SGEMM that
+ * the newer Intel families (Cooperlake, Sapphire Rapids) use as well.
+ *
  * Invariant: the function pointers are set all together or not at all; the
  * core calls osv_blas_load() before its first matrix product (osv_context_new
  * does), so osv_sgemm never runs with a NULL pointer.
@@ -48,6 +55,19 @@ static const char *const blas_names[] = {
 	"libopenblas.so",
 };
 
+const char *
+osv_blas_preferred_core(void)
+{
+#if defined(__x86_64__)
+	/* __builtin_cpu_supports also checks that the OS saves AVX-512 state */
+	__builtin_cpu_init();
+	if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+		__builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
+		return "SkylakeX";
+#endif
+	return NULL;
+}
+
 osv_status
 osv_blas_load(osv_error *err)
 {
@@ -64,6 +84,8 @@ osv_blas_load(osv_error *err)
 	 */
 	snprintf(threads, sizeof(threads), "%d", pending_threads > 0 ? pending_threads : 1);
 	setenv("OPENBLAS_NUM_THREADS", threads, 1);
+	if (getenv("OPENBLAS_CORETYPE") == NULL && osv_blas_preferred_core() != NULL)
+		setenv("OPENBLAS_CORETYPE", osv_blas_preferred_core(), 0);
 
 	for (size_t i = 0; i < sizeof(blas_names) / sizeof(blas_names[0]) && handle == NULL; i++)
 	{

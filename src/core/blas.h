@@ -9,6 +9,12 @@
 
 #include <cblas.h>
 
+/*
+ * The OPENBLAS_CORETYPE that osv_blas_load sets when the user did not set
+ * one, or NULL (see blas.c).
+ */
+const char *osv_blas_preferred_core(void);
+
 /* Load OpenBLAS if not yet loaded; idempotent. */
 osv_status	osv_blas_load(osv_error *err);
 

@@ -223,6 +223,26 @@ def fmt(v, pattern):
     return pattern % v if v is not None else "-"
 
 
+def blas_coretype():
+    """The OPENBLAS_CORETYPE every contender runs with.
+
+    osv5m asks OpenBLAS for its AVX-512 kernels on AVX-512 CPUs that OpenBLAS
+    0.3.21 does not recognise (src/core/blas.c); PyTorch and sgemm_rate load
+    the same OpenBLAS, so they get the same setting, or the comparison would
+    measure kernel choice instead of the code around it.
+    """
+    if os.environ.get("OPENBLAS_CORETYPE"):
+        return os.environ["OPENBLAS_CORETYPE"]
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((l.split(":", 1)[1].split() for l in f if l.startswith("flags")), [])
+    except OSError:
+        flags = []
+    if all(x in flags for x in ("avx512f", "avx512bw", "avx512dq", "avx512vl")):
+        return "SkylakeX"
+    return None
+
+
 def main():
     """Command line."""
     ap = argparse.ArgumentParser(description="osv5m vs PyTorch speed on the full-size model")
@@ -240,6 +260,11 @@ def main():
     args = ap.parse_args()
     if args.torch_worker:
         return torch_worker(args)
+
+    coretype = blas_coretype()
+    if coretype:
+        os.environ["OPENBLAS_CORETYPE"] = coretype
+    print("OpenBLAS kernels for every contender: %s" % (coretype or "OpenBLAS's own choice"))
 
     model = os.path.abspath(args.model)
     if not os.path.exists(os.path.join(model, "model.safetensors")):
