@@ -1,0 +1,359 @@
+#!/usr/bin/python3
+"""
+enrich_bench.py: bulk enrichment throughput, memory and first-call latency.
+
+Measures, on the full-size random-weight model (make_full_model.py) and a
+table of generated JPEGs of camera sizes (640x480 to 2048x1536):
+
+  - rows per second of
+      update      UPDATE photos SET loc = geolocate(img) WHERE loc IS NULL
+      enrich_1    CALL osv5m_enrich(..., workers => 1), THREADS BLAS threads
+      enrich_N    CALL osv5m_enrich(..., workers => N), THREADS / N each
+      pytorch     the pipeline beside the database: psycopg2 reads the rows,
+                  PIL decodes, test/reference/reference.py runs the network
+                  (torch.set_num_threads(THREADS)), psycopg2 writes back
+    the median of --runs runs each, side by side, with the ratio to pytorch;
+  - private memory per busy backend (USS = Private_Clean + Private_Dirty,
+    and PSS, from /proc/PID/smaps_rollup) with 2 and 4 backends running
+    geolocate() at once: the weights are mmap'ed, so they show as shared;
+  - first-call latency in a fresh backend: the first geolocate() minus the
+    second (model open, OpenBLAS load, run state allocation).
+
+It starts its own throwaway cluster (test/pg/cluster.sh) in build/bench/pg,
+so run it after `make install`, as root or as a user that may read the
+server processes' /proc/PID/smaps_rollup.  Targets: throughput >= 1.3x the
+PyTorch pipeline's, < 100 MB private memory per busy backend, < 100 ms
+first-call overhead.
+
+  test/bench/enrich_bench.py                        # full: 200 rows, 3 runs (30-60 min)
+  test/bench/enrich_bench.py --rows 20 --runs 1     # a quick look
+"""
+
+import argparse
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import psycopg2
+from PIL import Image
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.normpath(os.path.join(HERE, "..", ".."))
+SIZES = [(640, 480), (1024, 768), (1280, 960), (1600, 1200), (2048, 1536)]
+
+
+def log(msg):
+    """Progress on stderr, so that stdout is only the results."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def make_images(folder, rows):
+    """Write rows JPEGs of camera sizes (portrait and landscape), once."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(7)
+    paths = []
+    for i in range(rows):
+        path = os.path.join(folder, "img_%04d.jpg" % i)
+        paths.append(path)
+        if os.path.exists(path):
+            continue
+        w, h = SIZES[i % len(SIZES)]
+        if i % 7 == 3:
+            w, h = h, w
+        # smooth colour fields plus grain: compresses like a photo
+        low = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
+        im = Image.fromarray(low, "RGB").resize((w, h), Image.BICUBIC)
+        grain = rng.normal(0, 12, size=(h, w, 3))
+        arr = np.clip(np.asarray(im, dtype=np.float32) + grain, 0, 255).astype(np.uint8)
+        Image.fromarray(arr, "RGB").save(path, "JPEG", quality=88)
+    return paths
+
+
+def start_cluster(folder, port):
+    """initdb and start a cluster with test/pg/cluster.sh; returns PGHOST."""
+    script = ('source test/pg/cluster.sh && cluster_init "$1" "$2" '
+              '"max_worker_processes = 16" "shared_buffers = 256MB" >/dev/null && '
+              'cluster_start "$1" && echo "$PGHOST"')
+    out = subprocess.run(["bash", "-c", script, "bench", folder, str(port)], cwd=ROOT,
+                         check=True, capture_output=True, text=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def stop_cluster(folder):
+    """Stop the cluster started by start_cluster."""
+    subprocess.run(["bash", "-c", 'source test/pg/cluster.sh && cluster_stop "$1"',
+                    "bench", folder], cwd=ROOT, check=False)
+
+
+class Bench:
+    """The cluster connection details and the measurements."""
+
+    def __init__(self, args, host):
+        self.args = args
+        self.dsn = dict(host=host, port=args.port, user="postgres", dbname="bench")
+
+    def connect(self, threads=None, autocommit=True):
+        """A new session with the model set (and osv5m.threads if given)."""
+        conn = psycopg2.connect(**self.dsn)
+        conn.autocommit = autocommit
+        with conn.cursor() as cur:
+            cur.execute("SET client_min_messages = warning")
+            if threads is not None:
+                cur.execute("SET osv5m.threads = %s", (threads,))
+        return conn
+
+    def setup(self, paths):
+        """The database, the extension and the photos table."""
+        conn = psycopg2.connect(**dict(self.dsn, dbname="postgres"))
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("CREATE DATABASE bench")
+            cur.execute("ALTER DATABASE bench SET osv5m.model_path = %s", (self.args.model,))
+        conn.close()
+        conn = self.connect()
+        with conn.cursor() as cur:
+            cur.execute("CREATE EXTENSION osv5m CASCADE")
+            cur.execute("CREATE TABLE photos (id int PRIMARY KEY, img bytea, loc geography)")
+            for i, p in enumerate(paths):
+                with open(p, "rb") as f:
+                    cur.execute("INSERT INTO photos VALUES (%s, %s, NULL)", (i + 1, f.read()))
+            cur.execute("VACUUM ANALYZE photos")
+        conn.close()
+
+    def reset(self):
+        """Every loc back to NULL, dead rows gone."""
+        conn = self.connect()
+        with conn.cursor() as cur:
+            cur.execute("UPDATE photos SET loc = NULL")
+            cur.execute("VACUUM photos")
+        conn.close()
+
+    def located(self):
+        """How many rows have a location."""
+        conn = self.connect()
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(loc) FROM photos")
+            n = cur.fetchone()[0]
+        conn.close()
+        return n
+
+    def warm(self, conn):
+        """One inference, so the timed part has the model loaded."""
+        with conn.cursor() as cur:
+            cur.execute("SELECT geolocate(img) FROM photos WHERE id = 1")
+
+    def run_update(self):
+        """The plain UPDATE, in one transaction, THREADS BLAS threads."""
+        conn = self.connect(self.args.threads)
+        self.warm(conn)
+        t = time.time()
+        with conn.cursor() as cur:
+            cur.execute("UPDATE photos SET loc = geolocate(img) WHERE loc IS NULL")
+        dt = time.time() - t
+        conn.close()
+        return dt
+
+    def run_enrich(self, workers):
+        """osv5m_enrich with 1 or N workers; threads split among workers."""
+        threads = max(1, self.args.threads // workers)
+        conn = self.connect(threads)
+        if workers == 1:
+            self.warm(conn)  # the caller itself infers; workers load their own
+        t = time.time()
+        with conn.cursor() as cur:
+            cur.execute("CALL osv5m_enrich('photos', 'img', 'loc', batch_size => %s, workers => %s)",
+                        (self.args.batch_size, workers))
+        dt = time.time() - t
+        conn.close()
+        return dt
+
+    def run_pytorch(self, ref):
+        """Read, decode, run reference.py, write back: THREADS torch threads."""
+        import torch
+        torch.set_num_threads(self.args.threads)
+        conn = self.connect(autocommit=False)
+        t = time.time()
+        with conn.cursor() as cur:
+            cur.execute("SELECT id, img FROM photos WHERE loc IS NULL ORDER BY id")
+            rows = cur.fetchall()
+        out = []
+        for rid, img in rows:
+            with Image.open(io.BytesIO(bytes(img))) as im:
+                pixels = ref.transform(im.convert("RGB"))
+            r = ref.run_pixels(pixels, k=1)
+            out.append((r["lon"], r["lat"], rid))
+        with conn.cursor() as cur:
+            cur.executemany("UPDATE photos SET loc = ST_SetSRID(ST_MakePoint(%s, %s), 4326)::geography "
+                            "WHERE id = %s", out)
+        conn.commit()
+        dt = time.time() - t
+        conn.close()
+        return dt
+
+    def memory(self, backends):
+        """USS, PSS, RSS (MB) of each of `backends` sessions busy with geolocate."""
+        conns = [self.connect(1) for _ in range(backends)]
+        pids = []
+        for c in conns:
+            with c.cursor() as cur:
+                cur.execute("SELECT pg_backend_pid()")
+                pids.append(cur.fetchone()[0])
+            self.warm(c)
+        n = min(self.args.rows, 2)
+        threads = [threading.Thread(target=lambda c=c: c.cursor().execute(
+            "SELECT count(geolocate(img)) FROM photos WHERE id <= %s", (n,))) for c in conns]
+        for th in threads:
+            th.start()
+        time.sleep(1.0)
+        peak = {}
+        while any(th.is_alive() for th in threads):
+            for pid in pids:
+                m = smaps_rollup(pid)
+                if m and m["uss"] > peak.get(pid, {"uss": 0})["uss"]:
+                    peak[pid] = m
+            time.sleep(0.2)
+        for th in threads:
+            th.join()
+        for c in conns:
+            c.close()
+        return list(peak.values())
+
+    def first_call(self):
+        """Seconds of the first and second geolocate() in a fresh backend,
+        and the model load time the backend itself measured (ms)."""
+        conn = self.connect(self.args.threads)
+        times = []
+        with conn.cursor() as cur:
+            for _ in range(2):
+                t = time.time()
+                cur.execute("SELECT geolocate(img) FROM photos WHERE id = 1")
+                cur.fetchall()
+                times.append(time.time() - t)
+            cur.execute("SELECT (osv5m_model_info()::jsonb->>'load_ms')::float8")
+            times.append(cur.fetchone()[0])
+        conn.close()
+        return times
+
+
+def smaps_rollup(pid):
+    """RSS, PSS, USS and shared memory of a process, in MB, or None."""
+    try:
+        with open("/proc/%d/smaps_rollup" % pid) as f:
+            kb = {}
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 2 and parts[0].endswith(":") and parts[1].isdigit():
+                    kb[parts[0][:-1]] = int(parts[1])
+    except OSError:
+        return None
+    mb = lambda k: kb.get(k, 0) / 1024.0
+    return {"rss": mb("Rss"), "pss": mb("Pss"),
+            "uss": mb("Private_Clean") + mb("Private_Dirty"),
+            "shared": mb("Shared_Clean") + mb("Shared_Dirty")}
+
+
+def main():
+    """Command line: measure and print the table."""
+    ap = argparse.ArgumentParser(description="osv5m bulk enrichment benchmark")
+    ap.add_argument("--rows", type=int, default=200, help="photos in the table (default 200)")
+    ap.add_argument("--runs", type=int, default=3, help="runs per configuration; the median is kept")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2,
+                    help="threads in all (BLAS or torch); default: the number of cores")
+    ap.add_argument("--workers", type=int, default=2, help="N of the enrich_N configuration")
+    ap.add_argument("--batch-size", type=int, default=100)
+    ap.add_argument("--model", default=os.path.join(ROOT, "models", "full-random"))
+    ap.add_argument("--port", type=int, default=54396)
+    ap.add_argument("--dir", default=os.path.join(ROOT, "build", "bench"))
+    ap.add_argument("--only", default="update,enrich_1,enrich_N,pytorch,memory,first_call",
+                    help="comma-separated subset of the measurements")
+    ap.add_argument("--keep", action="store_true", help="leave the cluster running")
+    args = ap.parse_args()
+    args.model = os.path.abspath(args.model)
+    only = set(args.only.split(","))
+
+    if not os.path.exists(os.path.join(args.model, "model.safetensors")):
+        sys.exit("no model in %s: run test/bench/make_full_model.py first" % args.model)
+    paths = make_images(os.path.join(args.dir, "images"), args.rows)
+    host = start_cluster(os.path.join(args.dir, "pg"), args.port)
+    results = {"rows": args.rows, "runs": args.runs, "threads": args.threads,
+               "workers": args.workers, "batch_size": args.batch_size,
+               "model": args.model, "cpus": os.cpu_count()}
+    try:
+        b = Bench(args, host)
+        b.setup(paths)
+        configs = [("update", "UPDATE ... SET loc = geolocate(img)", "1 x %d" % args.threads,
+                    b.run_update),
+                   ("enrich_1", "CALL osv5m_enrich(workers => 1)", "1 x %d" % args.threads,
+                    lambda: b.run_enrich(1)),
+                   ("enrich_N", "CALL osv5m_enrich(workers => %d)" % args.workers,
+                    "%d x %d" % (args.workers, max(1, args.threads // args.workers)),
+                    lambda: b.run_enrich(args.workers))]
+        if "pytorch" in only:
+            sys.path.insert(0, os.path.join(ROOT, "test", "reference"))
+            import reference
+            log("loading the PyTorch reference model")
+            ref = reference.Reference(args.model)
+            configs.append(("pytorch", "psycopg2 + PIL + PyTorch reference.py",
+                            "1 x %d" % args.threads, lambda: b.run_pytorch(ref)))
+        rates = {}
+        for key, label, shape, fn in configs:
+            if key not in only:
+                continue
+            times = []
+            for r in range(args.runs):
+                b.reset()
+                log("%s, run %d of %d" % (key, r + 1, args.runs))
+                times.append(fn())
+                if b.located() != args.rows:
+                    sys.exit("%s left %d rows without a location" % (key, args.rows - b.located()))
+            rate = args.rows / statistics.median(times)
+            rates[key] = rate
+            results[key] = {"label": label, "processes_x_threads": shape,
+                            "seconds": times, "rows_per_second": rate}
+
+        print("osv5m bulk enrichment: %d rows, %d run(s) each, median; %d cores, %d threads in all"
+              % (args.rows, args.runs, os.cpu_count(), args.threads))
+        print("%-44s %-9s %10s %10s" % ("pipeline", "procs x thr", "rows/s", "vs pytorch"))
+        for key, label, shape, _ in configs:
+            if key in rates:
+                ratio = ("%.2fx" % (rates[key] / rates["pytorch"])) if "pytorch" in rates else "-"
+                print("%-44s %-9s %10.3f %10s" % (label, shape, rates[key], ratio))
+
+        if "memory" in only:
+            for n in (2, 4):
+                log("memory with %d busy backends" % n)
+                m = b.memory(n)
+                results["memory_%d" % n] = m
+                if m:
+                    print("%d busy backends: private (USS) %s MB, PSS %s MB, RSS %s MB, shared %s MB"
+                          % (n, "/".join("%.0f" % x["uss"] for x in m),
+                             "/".join("%.0f" % x["pss"] for x in m),
+                             "/".join("%.0f" % x["rss"] for x in m),
+                             "/".join("%.0f" % x["shared"] for x in m)))
+                else:
+                    print("%d busy backends: /proc/PID/smaps_rollup not readable (run as root)" % n)
+        if "first_call" in only:
+            runs = [b.first_call() for _ in range(max(1, args.runs))]
+            first = statistics.median(r[0] for r in runs)
+            second = statistics.median(r[1] for r in runs)
+            load_ms = statistics.median(r[2] for r in runs)
+            results["first_call"] = {"first": first, "second": second, "load_ms": load_ms}
+            print("first call in a fresh backend: %.3f s, second: %.3f s, overhead %.0f ms "
+                  "(of which model open %.0f ms)" % (first, second, 1000 * (first - second), load_ms))
+        out = os.path.join(args.dir, "enrich_bench.json")
+        with open(out, "w") as f:
+            json.dump(results, f, indent=1)
+        log("results in %s" % out)
+    finally:
+        if not args.keep:
+            stop_cluster(os.path.join(args.dir, "pg"))
+
+
+if __name__ == "__main__":
+    main()
