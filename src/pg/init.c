@@ -1,0 +1,89 @@
+/*
+ * init.c: the module's entry point and its settings.
+ *
+ * All GUCs are defined here and only here.  _PG_init runs in the postmaster
+ * when the library is in shared_preload_libraries, so it must stay cheap and
+ * must not touch the core: in particular nothing BLAS-related happens here
+ * (OpenBLAS would start its threads in the postmaster and every forked
+ * backend would inherit its fork handlers; src/core/blas.c loads it on first
+ * use instead).
+ */
+#include "osv5m_pg.h"
+
+#include <limits.h>
+
+#include "fmgr.h"
+#include "utils/guc.h"
+
+PG_MODULE_MAGIC;
+
+char	   *osv5m_model_path = NULL;
+int			osv5m_threads = 1;
+int			osv5m_max_pixels = (int) OSV_DEFAULT_MAX_PIXELS;
+
+void		_PG_init(void);
+
+/*
+ * osv5m.model_path must be empty or absolute: a relative path would be
+ * resolved against the data directory, which is never what was meant.
+ */
+static bool
+CheckModelPath(char **newval, void **extra, GucSource source)
+{
+	if (*newval != NULL && (*newval)[0] != '\0' && (*newval)[0] != '/')
+	{
+		GUC_check_errdetail("osv5m.model_path must be an absolute path or empty.");
+		return false;
+	}
+	return true;
+}
+
+/* Define the settings of the osv5m.* namespace and reserve the prefix. */
+void
+_PG_init(void)
+{
+	/*
+	 * Superuser-only: the path names files the server process opens, and a
+	 * model decides what every IMMUTABLE inference call returns.
+	 */
+	DefineCustomStringVariable("osv5m.model_path",
+							   "Directory of the geolocation model.",
+							   "A directory holding model.safetensors, the quadtree file "
+							   "quadtree_10_1000.csv and optionally config.json.  "
+							   "Empty (the default) means no model: inference functions "
+							   "raise an error.  Each backend loads the model on first use "
+							   "and reloads it when this setting or the files change.",
+							   &osv5m_model_path,
+							   "",
+							   PGC_SUSET,
+							   0,
+							   CheckModelPath, NULL, NULL);
+
+	DefineCustomIntVariable("osv5m.threads",
+							"Number of OpenBLAS threads an inference call of this backend uses.",
+							"Range 1 to 64; default 1.  More threads make one call faster "
+							"but compete with other backends for the cores.",
+							&osv5m_threads,
+							1, 1, 64,
+							PGC_USERSET,
+							0,
+							NULL, NULL, NULL);
+
+	/*
+	 * Superuser-only: decoding needs 3 bytes per pixel before the image is
+	 * scaled down, so whoever may raise the limit may make every backend
+	 * allocate gigabytes.  The default (50 megapixels, 150 MB of RGB) admits
+	 * any camera photo of today.
+	 */
+	DefineCustomIntVariable("osv5m.max_pixels",
+							"Largest image, in pixels (width times height), that inference functions decode.",
+							"Range 1 to 2147483647; default 50000000.  Larger images are "
+							"rejected before any pixel memory is allocated.",
+							&osv5m_max_pixels,
+							(int) OSV_DEFAULT_MAX_PIXELS, 1, INT_MAX,
+							PGC_SUSET,
+							0,
+							NULL, NULL, NULL);
+
+	MarkGUCPrefixReserved("osv5m");
+}

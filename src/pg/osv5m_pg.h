@@ -1,0 +1,64 @@
+/*
+ * osv5m_pg.h: declarations shared by the files of the PostgreSQL glue
+ * (src/pg), and only them.
+ *
+ * The glue is the only code that includes both postgres.h and the core's
+ * osv5m.h.  Invariant: nothing declared here is ever called from inside the
+ * core (the core's only way back into the glue is the abort callback, which
+ * lives in cache.c and reads flags only).
+ */
+#ifndef OSV5M_PG_H
+#define OSV5M_PG_H
+
+#include "postgres.h"
+
+#include "osv5m.h"
+#include "utils/timestamp.h"
+
+/* ---- settings (init.c) ---------------------------------------------- */
+
+extern char *osv5m_model_path;	/* osv5m.model_path, "" when unset */
+extern int	osv5m_threads;		/* osv5m.threads */
+extern int	osv5m_max_pixels;	/* osv5m.max_pixels */
+
+/* ---- the per-backend model cache (cache.c) ------------------------- */
+
+/* What the glue was doing when the core failed; it picks the SQLSTATE. */
+typedef enum OsvStage
+{
+	OSV_STAGE_LOAD,				/* osv_model_open */
+	OSV_STAGE_CONTEXT,			/* osv_context_new (loads OpenBLAS) */
+	OSV_STAGE_RUN				/* osv_run_image */
+} OsvStage;
+
+/* The loaded model of this backend and what it was loaded from. */
+typedef struct OsvLoaded
+{
+	osv_model  *model;
+	osv_context *ctx;
+	char	   *path;			/* osv5m.model_path it was loaded for (malloc'ed) */
+	TimestampTz loaded_at;
+	double		load_seconds;
+} OsvLoaded;
+
+/* The model for the current osv5m.model_path, (re)loaded if needed. */
+extern OsvLoaded *OsvGetModel(void);
+
+/*
+ * Run the network on img (any varlena bytes) with the current settings.
+ * Afterwards the results are in OsvGetModel()->ctx.  Raises an ERROR on
+ * failure or cancellation.
+ */
+extern OsvLoaded *OsvRunImage(const void *data, size_t size);
+
+/* The one place that turns a core error into ereport(ERROR). */
+extern void OsvReportError(const osv_error *err, OsvStage stage) pg_attribute_noreturn();
+
+/*
+ * A memory context for the transient allocations of one call (the
+ * detoasted image); it is reset at the start of every call, so an ERROR in
+ * the middle of one leaks nothing past the next.
+ */
+extern MemoryContext OsvCallContext(void);
+
+#endif							/* OSV5M_PG_H */
