@@ -47,7 +47,7 @@
 #define MODEL_MAX_DIM (1 << 20)
 #define MODEL_MAX_LAYERS 10000
 
-/* Backbone name prefixes, tried in order (MODEL.md section 1). */
+/* Backbone name prefixes, tried in order (docs/MODEL.md section 1). */
 static const char *const backbone_prefixes[] = {
 	"backbone.clip.vision_model.",
 	"model.backbone.clip.vision_model.",

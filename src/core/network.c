@@ -1,5 +1,5 @@
 /*
- * network.c: the forward pass of the OSV-5M baseline model (MODEL.md
+ * network.c: the forward pass of the OSV-5M baseline model (docs/MODEL.md
  * section 4): the CLIP ViT backbone, the two MLPCentroid branches and the
  * hybrid quadtree head, on the run state of one osv_context.
  *

@@ -3,7 +3,7 @@
 make_models.py: writes the small random-weight test models into test/models/.
 
 Each model is a directory in the layout of the real osv5m/baseline checkpoint:
-model.safetensors (tensor names of MODEL.md section 1, [out, in] linear
+model.safetensors (tensor names of docs/MODEL.md section 1, [out, in] linear
 weights, the unused position_ids and post_layernorm included), config.json
 and a quadtree CSV.  The models differ in what a loader must get right: the
 tensor-name prefix, the storage dtype, the config form, the activation, the

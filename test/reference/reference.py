@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """
 reference.py: an independent PyTorch implementation of the OSV-5M baseline
-inference pipeline, written from the model specification (MODEL.md, sections 1 to 4) alone.
+inference pipeline, written from the model specification (docs/MODEL.md, sections 1 to 4) alone.
 
 It is the yardstick of the C core: test/reference/make_golden.py runs it on
 the test models and images and stores what it computes, and the benchmark
