@@ -1,6 +1,6 @@
 /*
  * model.c: open a model directory and bind its weights into struct
- * osv_model (see internal.h for the struct, MODEL.md sections 1 and 2 for
+ * osv_model (see internal.h for the struct, docs/MODEL.md sections 1 and 2 for
  * the names and the hyperparameters).
  *
  * Steps: read config.json if there is one; mmap model.safetensors; find

@@ -11,7 +11,7 @@
 #
 # Perl, not Python: test/run must work on a machine without torch or numpy.
 # The weights are deterministic (a fixed linear congruential generator), and
-# the layout is what the loader expects (MODEL.md section 1): F32, [out, in]
+# the layout is what the loader expects (docs/MODEL.md section 1): F32, [out, in]
 # linear weights, an 8-byte little-endian header length, JSON, then data.
 use strict;
 use warnings;
