@@ -49,7 +49,12 @@ exp_nonpos(float x)
 {
 	/* 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits */
 	const float shifter = 12582912.0f;
-	float		xc = x < -87.33f ? -87.33f : x;
+	/*
+	 * Clamp to [-87.33, 0], written so that a NaN (from non-finite weights
+	 * or inputs) also lands on -87.33: the int conversion below is
+	 * undefined behaviour for NaN and for values out of range.
+	 */
+	float		xc = x >= -87.33f ? (x <= 0.0f ? x : 0.0f) : -87.33f;
 	float		n,
 				r,
 				p,
