@@ -11,7 +11,8 @@ table of generated JPEGs of camera sizes (640x480 to 2048x1536):
       enrich_N    CALL osv5m_enrich(..., workers => N), THREADS / N each
       pytorch     the pipeline beside the database: psycopg2 reads the rows,
                   PIL decodes, test/reference/reference.py runs the network
-                  (torch.set_num_threads(THREADS)), psycopg2 writes back
+                  (1 intra-op thread, THREADS OpenBLAS threads: PyTorch's
+                  fastest setting here), psycopg2 writes back
     the median of --runs runs each, side by side, with the ratio to pytorch;
   - private memory per busy backend (USS = Private_Clean + Private_Dirty,
     and PSS, from /proc/PID/smaps_rollup) with 2 and 4 backends running
@@ -174,9 +175,10 @@ class Bench:
         return dt
 
     def run_pytorch(self, ref):
-        """Read, decode, run reference.py, write back: THREADS torch threads."""
+        """Read, decode, run reference.py, write back: THREADS OpenBLAS
+        threads under one intra-op thread (PyTorch's fastest setting)."""
         import torch
-        torch.set_num_threads(self.args.threads)
+        torch.set_num_threads(1)
         conn = self.connect(autocommit=False)
         t = time.time()
         with conn.cursor() as cur:
@@ -275,6 +277,12 @@ def main():
     ap.add_argument("--keep", action="store_true", help="leave the cluster running")
     args = ap.parse_args()
     args.model = os.path.abspath(args.model)
+    # PyTorch's fastest setting for N threads on this OpenBLAS build, as
+    # test/bench/compare.py's calibration finds it: 1 intra-op thread and N
+    # OpenBLAS threads (N of each oversubscribes the cores and runs about 2.5
+    # times slower).  OpenBLAS reads its thread count when torch loads it,
+    # so this must be set before the import below.
+    os.environ["OPENBLAS_NUM_THREADS"] = str(args.threads)
     only = set(args.only.split(","))
 
     if not os.path.exists(os.path.join(args.model, "model.safetensors")):
