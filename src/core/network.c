@@ -1,7 +1,8 @@
 /*
  * network.c: the forward pass of the OSV-5M baseline model (docs/MODEL.md
  * section 4): the CLIP ViT backbone, the two MLPCentroid branches and the
- * hybrid quadtree head, on the run state of one osv_context.
+ * hybrid quadtree head, on the run state of one osv_context, for one or
+ * several images at once (a batch: see block_forward).
  *
  * Every matrix product goes through osv_sgemm / osv_sgemv (OpenBLAS),
  * row-major, with the PyTorch [out, in] weights used transposed.  Biases are
@@ -16,9 +17,13 @@
  * exp are our own branch-free polynomials instead of libm calls, which
  * cannot be vectorized and would cost as much as several transformer blocks.
  *
- * Invariants: the context's buffers were sized by osv_context_new for this
- * model; nothing here allocates; a run either completes or stops before a
- * block (abort) leaving has_result false.
+ * Invariants: the context's buffers were sized by osv_context_new_batch for
+ * this model and at least as many images as a run is given; nothing here
+ * allocates; a run either completes or stops before a block (abort)
+ * leaving has_result false.  An image's result does not depend on the
+ * other images of its batch except through the row count of the matrix
+ * products, which OpenBLAS's AVX-512 kernels do not let change a single
+ * bit (test_fidelity checks it on the kernels it runs with).
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE				/* qsort_r */
@@ -216,13 +221,16 @@ normalize(float *y, const float *x, int n, const float *w, const float *b,
 		y[i] = (x[i] - mean) * rstd * w[i] + b[i];
 }
 
-/* LayerNorm of each of rows rows of n values; y may be x. */
+/*
+ * LayerNorm of rows rows of n values, row r at r * stride values from the
+ * start of x and of y (stride >= n); y may be x.
+ */
 static void
-layer_norm(float *y, const float *x, int rows, int n, const float *w,
-		   const float *b, float eps)
+layer_norm(float *y, const float *x, int rows, size_t stride, int n,
+		   const float *w, const float *b, float eps)
 {
 	for (int r = 0; r < rows; r++)
-		normalize(y + (size_t) r * n, x + (size_t) r * n, n, w, b, eps);
+		normalize(y + (size_t) r * stride, x + (size_t) r * stride, n, w, b, eps);
 }
 
 /* GroupNorm(4) of one vector of n values, in place: 4 groups of n / 4. */
@@ -235,21 +243,21 @@ group_norm(float *x, int n, const float *w, const float *b)
 		normalize(x + i * g, x + i * g, g, w + i * g, b + i * g, MID_EPS);
 }
 
-/* Each of rows rows of y (n values) = bias. */
+/* Each of rows rows of y (n values, row r at r * stride) = bias. */
 static void
-fill_rows(float *y, const float *bias, int rows, int n)
+fill_rows(float *y, const float *bias, int rows, size_t stride, int n)
 {
 	for (int r = 0; r < rows; r++)
-		memcpy(y + (size_t) r * n, bias, (size_t) n * sizeof(float));
+		memcpy(y + (size_t) r * stride, bias, (size_t) n * sizeof(float));
 }
 
-/* Each of rows rows of y (n values) += bias. */
+/* Each of rows rows of y (n values, row r at r * stride) += bias. */
 static void
-add_rows(float *y, const float *bias, int rows, int n)
+add_rows(float *y, const float *bias, int rows, size_t stride, int n)
 {
 	for (int r = 0; r < rows; r++)
 	{
-		float	   *row = y + (size_t) r * n;
+		float	   *row = y + (size_t) r * stride;
 
 		for (int i = 0; i < n; i++)
 			row[i] += bias[i];
@@ -307,15 +315,17 @@ softmax_rows(float *s, int rows, int n)
 
 /* ---- the backbone ------------------------------------------------------- */
 
-/* Patch embedding, class token and position embedding into ctx->x. */
+/* Patch embedding, class token and position embedding of slot b into its rows of ctx->x. */
 static void
-embed(osv_context *ctx)
+embed(osv_context *ctx, int b)
 {
 	const osv_model *model = ctx->model;
 	int			size = model->info.image_size;
 	int			p = model->info.patch_size;
 	int			d = ctx->hidden;
 	int			n = ctx->tokens - 1;
+	const float *pixels = ctx->pixels + (size_t) b * 3 * size * size;
+	float	   *x = ctx->x + (size_t) b * ctx->tokens * d;
 
 	/* im2col: row py * grid + px holds the patch's (channel, row, col) values */
 	for (int py = 0; py < ctx->grid; py++)
@@ -326,96 +336,132 @@ embed(osv_context *ctx)
 			for (int c = 0; c < 3; c++)
 				for (int i = 0; i < p; i++)
 				{
-					const float *src = ctx->pixels + (size_t) c * size * size
+					const float *src = pixels + (size_t) c * size * size
 						+ (size_t) (py * p + i) * size + (size_t) px * p;
 
 					memcpy(dst + (c * p + i) * p, src, (size_t) p * sizeof(float));
 				}
 		}
 
-	/* x = position embedding, row 0 += class embedding, rows 1.. += patches W^T */
-	memcpy(ctx->x, model->position_embedding,
-		   (size_t) ctx->tokens * d * sizeof(float));
+	/*
+	 * x = position embedding, row 0 += class embedding, rows 1.. += patches
+	 * W^T, one colour channel (P^2 of the 3 P^2 columns) per product.  Why
+	 * not one product: with K = 588, OpenBLAS cuts K in two, at a place
+	 * that depends on its thread count, so the sums (and every output)
+	 * came out differently with 1 and 2 threads.  A product with K = P^2
+	 * (196) is not cut, and the channels are added in the same order on
+	 * any number of threads.
+	 */
+	memcpy(x, model->position_embedding, (size_t) ctx->tokens * d * sizeof(float));
 	for (int i = 0; i < d; i++)
-		ctx->x[i] += model->class_embedding[i];
-	osv_sgemm(CblasNoTrans, CblasTrans, n, d, ctx->patch_dim, 1.0f,
-			  ctx->patches, ctx->patch_dim, model->patch_embedding, ctx->patch_dim,
-			  1.0f, ctx->x + d, d);
+		x[i] += model->class_embedding[i];
+	for (int c = 0; c < 3; c++)
+		osv_sgemm(CblasNoTrans, CblasTrans, n, d, p * p, 1.0f,
+				  ctx->patches + c * p * p, ctx->patch_dim,
+				  model->patch_embedding + c * p * p, ctx->patch_dim,
+				  1.0f, x + d, d);
 }
 
 /*
- * One pre-norm transformer block on ctx->x.  Only the first rows rows of
- * the block's output are computed (the keys and values still cover all
- * tokens): the last block needs just the class token.
+ * One pre-norm transformer block on the residual streams of `images` slots
+ * at once: every projection and MLP product is one matrix product over the
+ * rows of all of them, so that each weight matrix is streamed from memory
+ * (and packed by OpenBLAS) once per run rather than once per image;
+ * attention is per image and head.
+ *
+ * In the last block only the class token's row of each image is computed
+ * (the keys and values still cover all tokens): `last` makes the active
+ * rows the class rows, one every T rows, which the products address with a
+ * leading dimension of T rows instead of one.
  */
 static void
-block_forward(osv_context *ctx, const osv_layer *layer, int rows)
+block_forward(osv_context *ctx, const osv_layer *layer, int images, bool last)
 {
 	const osv_model_info *info = &ctx->model->info;
 	int			t = ctx->tokens;
 	int			d = ctx->hidden;
 	int			f = ctx->ffn;
 	int			hd = ctx->head_dim;
+	int			all = images * t;	/* rows of every token of every image */
+	int			rows = last ? images : all; /* active rows */
+	int			step = last ? t : 1;	/* rows from one active row to the next */
+	int			qrows = last ? 1 : t;	/* active rows per image */
+	int			ld = step * d;	/* leading dimension of the active D-wide rows */
+	int			ldf = step * f; /* and of the active F-wide rows */
 	float		scale = 1.0f / sqrtf((float) hd);
 
 	/* attention: x += out_proj(attn(layer_norm1(x))) */
-	layer_norm(ctx->xn, ctx->x, t, d, layer->layer_norm1_weight,
+	layer_norm(ctx->xn, ctx->x, all, d, d, layer->layer_norm1_weight,
 			   layer->layer_norm1_bias, info->layer_norm_eps);
-	fill_rows(ctx->q, layer->q_proj_bias, rows, d);
-	fill_rows(ctx->k, layer->k_proj_bias, t, d);
-	fill_rows(ctx->v, layer->v_proj_bias, t, d);
-	osv_sgemm(CblasNoTrans, CblasTrans, rows, d, d, 1.0f, ctx->xn, d,
-			  layer->q_proj_weight, d, 1.0f, ctx->q, d);
-	osv_sgemm(CblasNoTrans, CblasTrans, t, d, d, 1.0f, ctx->xn, d,
+	fill_rows(ctx->q, layer->q_proj_bias, rows, ld, d);
+	fill_rows(ctx->k, layer->k_proj_bias, all, d, d);
+	fill_rows(ctx->v, layer->v_proj_bias, all, d, d);
+	osv_sgemm(CblasNoTrans, CblasTrans, rows, d, d, 1.0f, ctx->xn, ld,
+			  layer->q_proj_weight, d, 1.0f, ctx->q, ld);
+	osv_sgemm(CblasNoTrans, CblasTrans, all, d, d, 1.0f, ctx->xn, d,
 			  layer->k_proj_weight, d, 1.0f, ctx->k, d);
-	osv_sgemm(CblasNoTrans, CblasTrans, t, d, d, 1.0f, ctx->xn, d,
+	osv_sgemm(CblasNoTrans, CblasTrans, all, d, d, 1.0f, ctx->xn, d,
 			  layer->v_proj_weight, d, 1.0f, ctx->v, d);
 
-	/* per head: strided views of q, k, v (leading dimension d), no copies */
-	for (int h = 0; h < ctx->heads; h++)
+	/* per image and head: strided views of q, k, v (leading dimension d), no copies */
+	for (int b = 0; b < images; b++)
 	{
-		osv_sgemm(CblasNoTrans, CblasTrans, rows, t, hd, scale,
-				  ctx->q + h * hd, d, ctx->k + h * hd, d, 0.0f, ctx->scores, t);
-		softmax_rows(ctx->scores, rows, t);
-		osv_sgemm(CblasNoTrans, CblasNoTrans, rows, hd, t, 1.0f,
-				  ctx->scores, t, ctx->v + h * hd, d, 0.0f, ctx->attn + h * hd, d);
+		size_t		base = (size_t) b * t * d;
+
+		for (int h = 0; h < ctx->heads; h++)
+		{
+			osv_sgemm(CblasNoTrans, CblasTrans, qrows, t, hd, scale,
+					  ctx->q + base + h * hd, d, ctx->k + base + h * hd, d,
+					  0.0f, ctx->scores, t);
+			softmax_rows(ctx->scores, qrows, t);
+			osv_sgemm(CblasNoTrans, CblasNoTrans, qrows, hd, t, 1.0f,
+					  ctx->scores, t, ctx->v + base + h * hd, d,
+					  0.0f, ctx->attn + base + h * hd, d);
+		}
 	}
-	add_rows(ctx->x, layer->out_proj_bias, rows, d);
-	osv_sgemm(CblasNoTrans, CblasTrans, rows, d, d, 1.0f, ctx->attn, d,
-			  layer->out_proj_weight, d, 1.0f, ctx->x, d);
+	add_rows(ctx->x, layer->out_proj_bias, rows, ld, d);
+	osv_sgemm(CblasNoTrans, CblasTrans, rows, d, d, 1.0f, ctx->attn, ld,
+			  layer->out_proj_weight, d, 1.0f, ctx->x, ld);
 
 	/* MLP: x += fc2(act(fc1(layer_norm2(x)))) */
-	layer_norm(ctx->xn, ctx->x, rows, d, layer->layer_norm2_weight,
+	layer_norm(ctx->xn, ctx->x, rows, ld, d, layer->layer_norm2_weight,
 			   layer->layer_norm2_bias, info->layer_norm_eps);
-	fill_rows(ctx->ffn_buf, layer->fc1_bias, rows, f);
-	osv_sgemm(CblasNoTrans, CblasTrans, rows, f, d, 1.0f, ctx->xn, d,
-			  layer->fc1_weight, d, 1.0f, ctx->ffn_buf, f);
-	activation(ctx->ffn_buf, (size_t) rows * f, info->hidden_act);
-	add_rows(ctx->x, layer->fc2_bias, rows, d);
-	osv_sgemm(CblasNoTrans, CblasTrans, rows, d, f, 1.0f, ctx->ffn_buf, f,
-			  layer->fc2_weight, f, 1.0f, ctx->x, d);
+	fill_rows(ctx->ffn_buf, layer->fc1_bias, rows, ldf, f);
+	osv_sgemm(CblasNoTrans, CblasTrans, rows, f, d, 1.0f, ctx->xn, ld,
+			  layer->fc1_weight, d, 1.0f, ctx->ffn_buf, ldf);
+	for (int r = 0; r < rows; r++)
+		activation(ctx->ffn_buf + (size_t) r * ldf, (size_t) f, info->hidden_act);
+	add_rows(ctx->x, layer->fc2_bias, rows, ld, d);
+	osv_sgemm(CblasNoTrans, CblasTrans, rows, d, f, 1.0f, ctx->ffn_buf, ldf,
+			  layer->fc2_weight, f, 1.0f, ctx->x, ld);
 }
 
 /* ---- the MLP branches and the head -------------------------------------- */
 
-/* One MLPCentroid branch on the feature, into out (branch->out_dim values). */
+/*
+ * One MLPCentroid branch on the feature of slot b, into out (branch->out_dim
+ * values).  Matrix-vector products, one image at a time: batching them
+ * would save little (the branches are about 0.1 % of the FLOPs), and this
+ * way an image's result never depends on which images ran beside it.
+ */
 static void
-branch_forward(osv_context *ctx, const osv_branch *branch, float *out)
+branch_forward(osv_context *ctx, int b, const osv_branch *branch, float *out)
 {
 	int			d = ctx->hidden;
 	int			h1 = ctx->mid1;
 	int			h2 = ctx->mid2;
 	float	   *a = ctx->mid_a;
-	float	   *b = ctx->mid_b;
+	float	   *m = ctx->mid_b;
 
-	normalize(a, ctx->feature, d, branch->norm_weight, branch->norm_bias, MID_EPS);
-	memcpy(b, branch->fc1_bias, (size_t) h1 * sizeof(float));
-	osv_sgemv(CblasNoTrans, h1, d, 1.0f, branch->fc1_weight, d, a, 1.0f, b);
-	group_norm(b, h1, branch->gn1_weight, branch->gn1_bias);
+	normalize(a, ctx->feature + (size_t) b * d, d, branch->norm_weight,
+			  branch->norm_bias, MID_EPS);
+	memcpy(m, branch->fc1_bias, (size_t) h1 * sizeof(float));
+	osv_sgemv(CblasNoTrans, h1, d, 1.0f, branch->fc1_weight, d, a, 1.0f, m);
+	group_norm(m, h1, branch->gn1_weight, branch->gn1_bias);
 	/* MLPCentroid's GELU is nn.GELU(): always the exact one */
-	activation(b, (size_t) h1, OSV_ACT_GELU);
+	activation(m, (size_t) h1, OSV_ACT_GELU);
 	memcpy(a, branch->fc2_bias, (size_t) h2 * sizeof(float));
-	osv_sgemv(CblasNoTrans, h2, h1, 1.0f, branch->fc2_weight, h1, b, 1.0f, a);
+	osv_sgemv(CblasNoTrans, h2, h1, 1.0f, branch->fc2_weight, h1, m, 1.0f, a);
 	group_norm(a, h2, branch->gn2_weight, branch->gn2_bias);
 	activation(a, (size_t) h2, OSV_ACT_GELU);
 	memcpy(out, branch->out_bias, (size_t) branch->out_dim * sizeof(float));
@@ -436,12 +482,14 @@ compare_cells(const void *pa, const void *pb, void *data)
 	return (a > b) - (a < b);
 }
 
-/* Argmax cell, softmax probabilities (double) and the cells' order. */
+/* Argmax cell, softmax probabilities (double) and the cells' order of slot b. */
 static void
-head_forward(osv_context *ctx)
+head_forward(osv_context *ctx, int b)
 {
 	int			c = ctx->cells;
-	const float *logits = ctx->logits;
+	const float *logits = ctx->logits + (size_t) b * c;
+	double	   *probs = ctx->probs + (size_t) b * c;
+	int		   *order = ctx->order + (size_t) b * c;
 	double		sum = 0.0;
 	int			best = 0;
 
@@ -449,36 +497,37 @@ head_forward(osv_context *ctx)
 	for (int i = 1; i < c; i++)
 		if (logits[i] > logits[best])
 			best = i;
-	ctx->cell = best;
+	ctx->cell[b] = best;
 
 	for (int i = 0; i < c; i++)
 	{
-		ctx->probs[i] = exp((double) logits[i] - (double) logits[best]);
-		sum += ctx->probs[i];
+		probs[i] = exp((double) logits[i] - (double) logits[best]);
+		sum += probs[i];
 	}
 	for (int i = 0; i < c; i++)
 	{
-		ctx->probs[i] /= sum;
-		ctx->order[i] = i;
+		probs[i] /= sum;
+		order[i] = i;
 	}
 	/* qsort_r (glibc, gnu11): the comparison needs the probabilities */
-	qsort_r(ctx->order, (size_t) c, sizeof(int), compare_cells, ctx->probs);
+	qsort_r(order, (size_t) c, sizeof(int), compare_cells, probs);
 }
 
 /* The hybrid head: cell center plus the tanh-scaled offset towards its bounds. */
 void
-osv_network_cell_point(const osv_context *ctx, int cell, double *lat,
+osv_network_cell_point(const osv_context *ctx, int b, int cell, double *lat,
 					   double *lon)
 {
 	const osv_cell *q = &ctx->model->cells[cell];
+	const float *reg = ctx->regression + (size_t) b * 2 * ctx->cells;
 	double		scale = ctx->model->info.scale_tanh;
 	double		r[2],
 				center[2],
 				up[2],
 				down[2];
 
-	r[0] = scale * tanh((double) ctx->regression[2 * cell]);
-	r[1] = scale * tanh((double) ctx->regression[2 * cell + 1]);
+	r[0] = scale * tanh((double) reg[2 * cell]);
+	r[1] = scale * tanh((double) reg[2 * cell + 1]);
 	/* the head works in coordinates normalised to [-1, 1] */
 	center[0] = q->mean_lat / 90.0;
 	center[1] = q->mean_lon / 180.0;
@@ -505,22 +554,30 @@ should_abort(const osv_params *params)
 	return params->abort_callback != NULL && params->abort_callback(params->abort_data);
 }
 
-/* Backbone, both branches and the head on ctx->pixels; polls the abort callback. */
+/* Backbone, both branches and the head on slots 0 .. images - 1; polls the abort callback. */
 osv_status
-osv_network_forward(osv_context *ctx, const osv_params *params, osv_error *err)
+osv_network_forward(osv_context *ctx, int images, const osv_params *params,
+					osv_error *err)
 {
 	const osv_model *model = ctx->model;
 	int			layers = model->info.num_layers;
+	int			t = ctx->tokens;
+	int			d = ctx->hidden;
+	int			threads;
 	double		t0,
 				t1;
 
 	ctx->has_result = false;
 	ctx->timings.backbone = 0.0;
 	ctx->timings.head = 0.0;
+	if (images < 1 || images > ctx->max_images)
+		return osv_fail(err, OSV_ERR_ARGUMENT, "%d images for a run state of %d",
+						images, ctx->max_images);
 
 	t0 = osv_now();
-	embed(ctx);
-	layer_norm(ctx->x, ctx->x, ctx->tokens, ctx->hidden, model->pre_layrnorm_weight,
+	for (int b = 0; b < images; b++)
+		embed(ctx, b);
+	layer_norm(ctx->x, ctx->x, images * t, d, d, model->pre_layrnorm_weight,
 			   model->pre_layrnorm_bias, model->info.layer_norm_eps);
 	for (int i = 0; i < layers; i++)
 	{
@@ -528,18 +585,34 @@ osv_network_forward(osv_context *ctx, const osv_params *params, osv_error *err)
 		if (should_abort(params))
 			return osv_fail(err, OSV_ERR_ABORTED,
 							"run aborted before transformer block %d", i);
-		block_forward(ctx, &model->layers[i], i == layers - 1 ? 1 : ctx->tokens);
+		block_forward(ctx, &model->layers[i], images, i == layers - 1);
 	}
 	/* the feature is the class token, without post_layernorm */
-	memcpy(ctx->feature, ctx->x, (size_t) ctx->hidden * sizeof(float));
+	for (int b = 0; b < images; b++)
+		memcpy(ctx->feature + (size_t) b * d, ctx->x + (size_t) b * t * d,
+			   (size_t) d * sizeof(float));
 	t1 = osv_now();
 	ctx->timings.backbone = t1 - t0;
 
 	if (should_abort(params))
 		return osv_fail(err, OSV_ERR_ABORTED, "run aborted before the head");
-	branch_forward(ctx, &model->classif, ctx->logits);
-	branch_forward(ctx, &model->reg, ctx->regression);
-	head_forward(ctx);
+
+	/*
+	 * The branches on one BLAS thread: OpenBLAS splits a threaded GEMV's
+	 * rows at places whose alignment changes how the rows next to them are
+	 * summed, so the 22798 regression outputs came out slightly different
+	 * with 2 threads than with 1.  The branches are 0.1 % of the FLOPs; on
+	 * one thread the result no longer depends on the thread count.
+	 */
+	threads = osv_blas_threads();
+	osv_blas_set_threads(1);
+	for (int b = 0; b < images; b++)
+	{
+		branch_forward(ctx, b, &model->classif, ctx->logits + (size_t) b * ctx->cells);
+		branch_forward(ctx, b, &model->reg, ctx->regression + (size_t) b * 2 * ctx->cells);
+		head_forward(ctx, b);
+	}
+	osv_blas_set_threads(threads);
 	ctx->timings.head = osv_now() - t1;
 	ctx->has_result = true;
 	return OSV_OK;

@@ -4,8 +4,8 @@
  * network.c (kernels and the network itself), and only them and the tests.
  *
  * Invariants: every activation buffer is carved out of one 64-byte aligned
- * allocation made by osv_context_new, sized from the model's info, so a run
- * never allocates; the dimensions cached here are validated once there and
+ * allocation made by osv_context_new_batch, sized from the model's info and
+ * the batch capacity, so a run never allocates; the dimensions cached here are validated once there and
  * are all positive with hidden % heads == 0 and mid_hidden[i] % 4 == 0.
  */
 #ifndef OSV5M_NETWORK_H
@@ -16,6 +16,7 @@
 struct osv_context
 {
 	const osv_model *model;
+	int			max_images;		/* B: images one run can hold */
 
 	/* dimensions, copied from model->info */
 	int			hidden;			/* D */
@@ -29,41 +30,49 @@ struct osv_context
 				mid2;			/* MLPCentroid hidden dims */
 	int			cells;			/* C */
 
-	/* activations (all inside block) */
-	float	   *pixels;			/* [3, S, S] preprocessed input */
-	float	   *patches;		/* [T - 1, 3 P P] im2col of pixels */
-	float	   *x;				/* [T, D] residual stream */
-	float	   *xn;				/* [T, D] layer-normed x */
+	/*
+	 * activations (all inside block); a run holds `images` images in slots
+	 * 0 .. images - 1, and the rows of slot b start at row b * T
+	 */
+	float	   *pixels;			/* [B, 3, S, S] preprocessed inputs */
+	float	   *patches;		/* [T - 1, 3 P P] im2col of one image */
+	float	   *x;				/* [B T, D] residual stream */
+	float	   *xn;				/* [B T, D] layer-normed x */
 	float	   *q,
 			   *k,
-			   *v;				/* [T, D] projections, head h at column h * hd */
-	float	   *attn;			/* [T, D] heads concatenated */
-	float	   *scores;			/* [T, T] attention of one head */
-	float	   *ffn_buf;		/* [T, F] MLP hidden */
-	float	   *feature;		/* [D] class token of the last block */
+			   *v;				/* [B T, D] projections, head h at column h * hd */
+	float	   *attn;			/* [B T, D] heads concatenated */
+	float	   *scores;			/* [T, T] attention of one head of one image */
+	float	   *ffn_buf;		/* [B T, F] MLP hidden */
+	float	   *feature;		/* [B, D] class token of the last block */
 	float	   *mid_a,
 			   *mid_b;			/* [max(D, mid1, mid2)] MLP branch scratch */
-	float	   *logits;			/* [C] */
-	float	   *regression;		/* [2 C], (lat, lon) per cell */
-	double	   *probs;			/* [C] softmax of logits */
-	int		   *order;			/* [C] cells by decreasing probability */
+	float	   *logits;			/* [B, C] */
+	float	   *regression;		/* [B, 2 C], (lat, lon) per cell */
+	double	   *probs;			/* [B, C] softmax of logits */
+	int		   *order;			/* [B, C] cells by decreasing probability */
+	int		   *cell;			/* [B] argmax of logits */
+	int		   *slot;			/* [B] slot of input i of the last run, -1: none */
 	void	   *block;			/* the one allocation */
 
 	/* results of the last run */
 	bool		has_result;
-	int			cell;			/* argmax of logits */
+	int			inputs;			/* images given to the last run */
+	int			images;			/* of them, those that reached the network */
 	osv_timings timings;
 };
 
 /*
- * Run the backbone, both MLP branches and the hybrid head on ctx->pixels;
- * fills the results and timings.backbone / timings.head.  params is not NULL.
+ * Run the backbone, both MLP branches and the hybrid head on the first
+ * `images` slots of ctx->pixels together (1 <= images <= max_images); fills
+ * the results of those slots and timings.backbone / timings.head.  params
+ * is not NULL.
  */
-osv_status	osv_network_forward(osv_context *ctx, const osv_params *params,
-								osv_error *err);
+osv_status	osv_network_forward(osv_context *ctx, int images,
+								const osv_params *params, osv_error *err);
 
-/* The point regressed inside cell (0 <= cell < C) by the last run, degrees. */
-void		osv_network_cell_point(const osv_context *ctx, int cell,
+/* The point regressed inside cell (0 <= cell < C) for slot b of the last run, degrees. */
+void		osv_network_cell_point(const osv_context *ctx, int b, int cell,
 								   double *lat, double *lon);
 
 /* Vectorizable float kernels, exposed for the unit tests. */

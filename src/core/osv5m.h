@@ -12,8 +12,9 @@
  *   osv_model    read-only weights (mmap'ed), hyperparameters and quadtree;
  *                shareable by any number of contexts.
  *   osv_context  the run state of one caller: activations allocated once,
- *                and the results of the last run.  Not thread-safe; use one
- *                per thread.
+ *                for one image per run or a batch of several, and the
+ *                results of the last run.  Not thread-safe; use one per
+ *                thread.
  */
 #ifndef OSV5M_H
 #define OSV5M_H
@@ -177,14 +178,40 @@ osv_status	osv_preprocess(const osv_image *image, int size, const float mean[3],
 
 /* ---- inference ------------------------------------------------------- */
 
-/* Allocate the run state for model (all or nothing). */
+/* Allocate the run state for model, one image per run (all or nothing). */
 osv_status	osv_context_new(const osv_model *model, osv_context **out,
 							osv_error *err);
+
+/*
+ * The same for up to max_images images per run (1 to 64).  The activations
+ * grow with it: about 12 MB per image for ViT-L/14.
+ */
+osv_status	osv_context_new_batch(const osv_model *model, int max_images,
+								  osv_context **out, osv_error *err);
 void		osv_context_free(osv_context *ctx);
+int			osv_context_max_images(const osv_context *ctx);
 
 /* Decode, preprocess and run the network on encoded image bytes. */
 osv_status	osv_run_image(osv_context *ctx, const uint8_t *data, size_t size,
 						  const osv_params *params, osv_error *err);
+
+/*
+ * Decode and preprocess n images (1 <= n <= max_images), then run the
+ * network once over all of them: each weight matrix is then read once per
+ * run instead of once per image, which is faster per image.  The result
+ * of an image does not depend on its batch: it is bit for bit the one
+ * osv_run_image gives, with OpenBLAS's AVX-512 kernels (see network.c).
+ *
+ * image_errs[i] tells how image i fared: an image that cannot be decoded
+ * (any osv_image_decode or osv_preprocess status) gets its error there and
+ * no result, and the others still run.  The return value is about the run
+ * as a whole: OSV_OK when the network ran on every decodable image (also
+ * when there was none), else the status that stopped it (OSV_ERR_ABORTED,
+ * OSV_ERR_ARGUMENT), described in *err; then no image has a result.
+ */
+osv_status	osv_run_images(osv_context *ctx, int n, const uint8_t *const data[],
+						   const size_t sizes[], const osv_params *params,
+						   osv_error image_errs[], osv_error *err);
 
 /* Run the network on a preprocessed tensor of 3 * image_size^2 floats. */
 osv_status	osv_run_pixels(osv_context *ctx, const float *pixels,
@@ -202,20 +229,28 @@ typedef struct osv_prediction
 /*
  * The k most likely cells of the last run, best first (ties: lower cell
  * first); out[0] is the model's prediction.  Returns how many were written,
- * min(k, num_cells).
+ * min(k, num_cells), or 0 when the run gave no result.
  */
 int			osv_context_topk(const osv_context *ctx, int k, osv_prediction *out);
 
-/* The prediction for one given cell of the last run. */
+/* The prediction for one given cell of the last run (cell -1 when none). */
 osv_prediction osv_context_cell(const osv_context *ctx, int cell);
 
-/* Results of the last run, valid until the next run or osv_context_free. */
+/* The same for input `image` of the last osv_run_images (0 when it has no result). */
+int			osv_context_topk_at(const osv_context *ctx, int image, int k,
+								osv_prediction *out);
+osv_prediction osv_context_cell_at(const osv_context *ctx, int image, int cell);
+
+/*
+ * Results of the last run, valid until the next run or osv_context_free;
+ * after a batch, those of its first image that reached the network.
+ */
 const float *osv_context_pixels(const osv_context *ctx);	/* 3 x S x S */
 const float *osv_context_feature(const osv_context *ctx);	/* hidden_size */
 const float *osv_context_logits(const osv_context *ctx);	/* num_cells */
 const float *osv_context_regression(const osv_context *ctx);	/* 2 x num_cells */
 
-/* Seconds spent in each stage by the last run. */
+/* Seconds spent in each stage by the last run (summed over a batch's images). */
 typedef struct osv_timings
 {
 	double		decode;

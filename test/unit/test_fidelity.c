@@ -10,8 +10,10 @@
  * pixels (osv_run_pixels), so that it is tested independently of decoding
  * and resizing.  Then, on the first model: the abort callback (stop before
  * block 1, the context stays usable and gives the same result), determinism
- * (the same image twice gives bitwise the same outputs) and the edge cases
- * of the result accessors.
+ * (the same image twice, and on 1 and 2 BLAS threads, gives bitwise the same
+ * outputs) and the edge cases
+ * of the result accessors.  Each model's images also go through the batch
+ * path, osv_run_images, with a non-image among them (check_batches).
  *
  * With no models or no golden files the test fails: it must never pass
  * without having compared anything.  Run from the repository root.
@@ -186,14 +188,18 @@ point_error(const osv_context *ctx, const osv_prediction *p, const double *ref,
 	return fmax(fabs(p->lat - ref[0]) / tol_lat, fabs(p->lon - ref[1]) / tol_lon);
 }
 
-/* Compare the context's last run with the golden outputs; updates the worst. */
+/*
+ * Compare the outputs of input `image` of the context's last run with the
+ * golden outputs; updates the worst.
+ */
 static void
-compare_outputs(const osv_context *ctx, const osv_safetensors *g,
+compare_outputs(osv_context *ctx, int image, const osv_safetensors *g,
 				const char *what, double *feature_err, double *latlon_err,
 				stats *s)
 {
 	int			d = ctx->hidden,
 				c = ctx->cells;
+	int			b = ctx->has_result && image < ctx->inputs ? ctx->slot[image] : -1;
 	const osv_tensor *feature = golden_tensor(g, "feature", OSV_DTYPE_F32, d, what);
 	const osv_tensor *logits = golden_tensor(g, "logits", OSV_DTYPE_F32, c, what);
 	const osv_tensor *reg = golden_tensor(g, "regression", OSV_DTYPE_F32, 2 * (uint64_t) c, what);
@@ -208,28 +214,29 @@ compare_outputs(const osv_context *ctx, const osv_safetensors *g,
 
 	CHECK(feature && logits && reg && cell && latlon && tcells && tprobs && tlatlon,
 		  "%s: a golden tensor is missing or malformed", what);
-	if (!(feature && logits && reg && cell && latlon && tcells && tprobs && tlatlon))
+	CHECK(b >= 0, "%s: no result", what);
+	if (!(feature && logits && reg && cell && latlon && tcells && tprobs && tlatlon) || b < 0)
 		return;
 
-	e = relative_error(osv_context_feature(ctx), feature->data, (size_t) d);
+	e = relative_error(ctx->feature + (size_t) b * d, feature->data, (size_t) d);
 	CHECK(e <= FEATURE_RTOL, "%s: feature relative error %.3g", what, e);
 	*feature_err = fmax(*feature_err, e);
-	e = relative_error(osv_context_logits(ctx), logits->data, (size_t) c);
+	e = relative_error(ctx->logits + (size_t) b * c, logits->data, (size_t) c);
 	CHECK(e <= LOGITS_RTOL, "%s: logits relative error %.3g", what, e);
 	s->logits = fmax(s->logits, e);
-	e = relative_error(osv_context_regression(ctx), reg->data, 2 * (size_t) c);
+	e = relative_error(ctx->regression + (size_t) b * 2 * c, reg->data, 2 * (size_t) c);
 	CHECK(e <= LOGITS_RTOL, "%s: regression relative error %.3g", what, e);
 	s->regression = fmax(s->regression, e);
 
 	{
 		int64_t		gcell = ((const int64_t *) cell->data)[0];
 		const double *ll = latlon->data;
-		int			n = osv_context_topk(ctx, 1, top);
+		int			n = osv_context_topk_at(ctx, image, 1, top);
 
 		CHECK(n == 1 && top[0].cell == gcell, "%s: cell %d, reference %lld",
 			  what, top[0].cell, (long long) gcell);
-		CHECK(ctx->cell == top[0].cell, "%s: argmax %d but top-1 %d", what,
-			  ctx->cell, top[0].cell);
+		CHECK(ctx->cell[b] == top[0].cell, "%s: argmax %d but top-1 %d", what,
+			  ctx->cell[b], top[0].cell);
 		e = point_error(ctx, &top[0], ll, reg->data);
 		CHECK(e <= 1.0, "%s: point (%.9f, %.9f), reference (%.9f, %.9f)",
 			  what, top[0].lat, top[0].lon, ll[0], ll[1]);
@@ -249,7 +256,7 @@ compare_outputs(const osv_context *ctx, const osv_safetensors *g,
 		if (k < 1 || k > MAX_TOPK || tprobs->num_elements != (uint64_t) k ||
 			tlatlon->num_elements != 2 * (uint64_t) k)
 			return;
-		n = osv_context_topk(ctx, k, top);
+		n = osv_context_topk_at(ctx, image, k, top);
 		CHECK(n == k, "%s: topk returned %d of %d", what, n, k);
 		if (n != k)
 			return;
@@ -272,17 +279,17 @@ compare_outputs(const osv_context *ctx, const osv_safetensors *g,
 		 * regression our points must be the reference's to 1e-9 degrees.
 		 */
 		saved = malloc(2 * (size_t) c * sizeof(float));
-		memcpy(saved, ctx->regression, 2 * (size_t) c * sizeof(float));
-		memcpy(ctx->regression, reg->data, 2 * (size_t) c * sizeof(float));
+		memcpy(saved, ctx->regression + (size_t) b * 2 * c, 2 * (size_t) c * sizeof(float));
+		memcpy(ctx->regression + (size_t) b * 2 * c, reg->data, 2 * (size_t) c * sizeof(float));
 		for (int i = 0; i < k; i++)
 		{
-			osv_prediction p = osv_context_cell(ctx, (int) gc[i]);
+			osv_prediction p = osv_context_cell_at(ctx, image, (int) gc[i]);
 
 			CHECK(fabs(p.lat - gl[2 * i]) <= 1e-9 && fabs(p.lon - gl[2 * i + 1]) <= 1e-9,
 				  "%s: head geometry of cell %lld gives (%.12f, %.12f), reference (%.12f, %.12f)",
 				  what, (long long) gc[i], p.lat, p.lon, gl[2 * i], gl[2 * i + 1]);
 		}
-		memcpy(ctx->regression, saved, 2 * (size_t) c * sizeof(float));
+		memcpy(ctx->regression + (size_t) b * 2 * c, saved, 2 * (size_t) c * sizeof(float));
 		free(saved);
 	}
 }
@@ -383,7 +390,7 @@ check_golden(osv_context *ctx, const char *model, const char *file, stats *s)
 				CHECK(worst <= tol, "%s: pixels differ by %.3g (tolerance %.3g)", what, worst, tol);
 				s->pixels = fmax(s->pixels, worst);
 			}
-			compare_outputs(ctx, &g, what, &s->feature, &s->latlon, s);
+			compare_outputs(ctx, 0, &g, what, &s->feature, &s->latlon, s);
 		}
 	}
 
@@ -397,11 +404,178 @@ check_golden(osv_context *ctx, const char *model, const char *file, stats *s)
 		if (status == OSV_OK)
 		{
 			s->pixel_runs++;
-			compare_outputs(ctx, &g, what, &s->feature_px, &s->latlon_px, s);
+			compare_outputs(ctx, 0, &g, what, &s->feature_px, &s->latlon_px, s);
 		}
 		free(pixels);
 	}
 	osv_safetensors_close(&g);
+}
+
+/* Inputs per run in check_batches: three images and one that is none. */
+#define BATCH_IMAGES 4
+
+/* A golden file and its image's bytes, for check_batches. */
+typedef struct golden_case
+{
+	osv_safetensors g;
+	char		what[1024];
+	uint8_t    *bytes;
+	size_t		size;
+} golden_case;
+
+/*
+ * The batch path: the model's golden images through osv_run_images,
+ * BATCH_IMAGES - 1 at a time plus one input that is no image, at a place
+ * that moves from run to run.  Each image must match the reference as in
+ * a single run and agree with its own single run (osv_run_image) to float32
+ * rounding; the bad input must fail alone and have no result.
+ */
+static void
+check_batches(const osv_model *model, const char *name, char **golden, int ngolden)
+{
+	static const uint8_t garbage[] = "this is not an image";
+	osv_context *batch = NULL,
+			   *one = NULL;
+	golden_case *cases = calloc((size_t) ngolden, sizeof(*cases));
+	int			ncases = 0,
+				runs = 0,
+				bitwise = 0,
+				images = 0;
+	double		worst = 0.0;
+	osv_error	err;
+	stats		s;
+
+	memset(&s, 0, sizeof(s));
+	CHECK(osv_context_new_batch(model, BATCH_IMAGES, &batch, &err) == OSV_OK &&
+		  osv_context_new(model, &one, &err) == OSV_OK, "%s: batch contexts: %s", name, err.message);
+	if (batch == NULL || one == NULL || cases == NULL)
+		goto done;
+	CHECK(osv_context_max_images(batch) == BATCH_IMAGES && osv_context_max_images(one) == 1,
+		  "%s: capacities %d and %d", name, osv_context_max_images(batch),
+		  osv_context_max_images(one));
+
+	for (int i = 0; i < ngolden; i++)
+	{
+		golden_case *gc = &cases[ncases];
+		char		path[1024];
+		const char *image;
+
+		snprintf(path, sizeof(path), "%s/%s/%s", GOLDEN_DIR, name, golden[i]);
+		if (osv_safetensors_open(path, &gc->g, &err) != OSV_OK)
+			continue;			/* check_golden has reported it */
+		image = golden_meta(&gc->g, "image");
+		if (image != NULL)
+		{
+			snprintf(gc->what, sizeof(gc->what), "%s/%s (batch)", name, image);
+			snprintf(path, sizeof(path), "%s/%s", IMAGES_DIR, image);
+			gc->bytes = slurp(path, &gc->size);
+		}
+		if (gc->bytes == NULL)
+		{
+			osv_safetensors_close(&gc->g);
+			continue;
+		}
+		ncases++;
+	}
+
+	for (int start = 0; start < ncases; start += BATCH_IMAGES - 1, runs++)
+	{
+		int			good = ncases - start < BATCH_IMAGES - 1 ? ncases - start : BATCH_IMAGES - 1;
+		int			bad = runs % (good + 1);	/* where the non-image goes */
+		const uint8_t *data[BATCH_IMAGES];
+		size_t		sizes[BATCH_IMAGES];
+		osv_error	errs[BATCH_IMAGES];
+		golden_case *of[BATCH_IMAGES];
+		osv_prediction p;
+		osv_status	status;
+
+		for (int i = 0, j = 0; i <= good; i++)
+		{
+			of[i] = i == bad ? NULL : &cases[start + j++];
+			data[i] = of[i] ? of[i]->bytes : garbage;
+			sizes[i] = of[i] ? of[i]->size : sizeof(garbage);
+		}
+		status = osv_run_images(batch, good + 1, data, sizes, NULL, errs, &err);
+		CHECK(status == OSV_OK, "%s: batch run %d: %s", name, runs, err.message);
+		if (status != OSV_OK)
+			continue;
+		CHECK(errs[bad].status == OSV_ERR_IMAGE_UNSUPPORTED && errs[bad].message[0] != '\0' &&
+			  osv_context_topk_at(batch, bad, 1, &p) == 0 &&
+			  osv_context_cell_at(batch, bad, 0).cell == -1,
+			  "%s: batch run %d: the non-image at %d got status %d and a result", name,
+			  runs, bad, errs[bad].status);
+		for (int i = 0; i <= good; i++)
+		{
+			int			b;
+			double		e;
+
+			if (of[i] == NULL)
+				continue;
+			CHECK(errs[i].status == OSV_OK, "%s: %s", of[i]->what, errs[i].message);
+			if (errs[i].status != OSV_OK)
+				continue;
+			compare_outputs(batch, i, &of[i]->g, of[i]->what, &s.feature, &s.latlon, &s);
+			images++;
+
+			/* against the same image alone */
+			b = batch->slot[i];
+			status = osv_run_image(one, of[i]->bytes, of[i]->size, NULL, &err);
+			CHECK(status == OSV_OK, "%s alone: %s", of[i]->what, err.message);
+			if (status != OSV_OK || b < 0)
+				continue;
+			e = fmax(relative_error(batch->feature + (size_t) b * batch->hidden,
+									one->feature, (size_t) one->hidden),
+					 relative_error(batch->logits + (size_t) b * batch->cells,
+									one->logits, (size_t) one->cells));
+			CHECK(e <= 1e-5, "%s: batch and single runs differ by %.3g", of[i]->what, e);
+			CHECK(batch->cell[b] == one->cell[0], "%s: cell %d in a batch, %d alone",
+				  of[i]->what, batch->cell[b], one->cell[0]);
+			worst = fmax(worst, e);
+			if (memcmp(batch->feature + (size_t) b * batch->hidden, one->feature,
+					   (size_t) one->hidden * sizeof(float)) == 0 &&
+				memcmp(batch->logits + (size_t) b * batch->cells, one->logits,
+					   (size_t) one->cells * sizeof(float)) == 0 &&
+				memcmp(batch->regression + (size_t) b * 2 * batch->cells, one->regression,
+					   2 * (size_t) one->cells * sizeof(float)) == 0)
+				bitwise++;
+		}
+	}
+	CHECK(images > 0, "%s: no image went through a batch", name);
+
+	/* runs the capacity refuses; a run of inputs that are all bad */
+	{
+		const uint8_t *data[BATCH_IMAGES + 1];
+		size_t		sizes[BATCH_IMAGES + 1];
+		osv_error	errs[BATCH_IMAGES + 1];
+		osv_prediction p;
+
+		for (int i = 0; i <= BATCH_IMAGES; i++)
+		{
+			data[i] = garbage;
+			sizes[i] = sizeof(garbage);
+		}
+		CHECK(osv_run_images(batch, BATCH_IMAGES + 1, data, sizes, NULL, errs, &err) ==
+			  OSV_ERR_ARGUMENT && osv_run_images(batch, 0, data, sizes, NULL, errs, &err) ==
+			  OSV_ERR_ARGUMENT, "%s: batch sizes 0 and %d accepted", name, BATCH_IMAGES + 1);
+		CHECK(osv_run_images(batch, 2, data, sizes, NULL, errs, &err) == OSV_OK &&
+			  errs[0].status != OSV_OK && errs[1].status != OSV_OK &&
+			  osv_context_topk_at(batch, 0, 1, &p) == 0,
+			  "%s: a run of non-images", name);
+	}
+	printf("%s: %d images in %d batch runs of up to %d inputs, %d of them bitwise equal "
+		   "to their single runs, max batch-vs-single rel diff %.3g; feature rel err %.3g, "
+		   "point %.3g deg\n", name, images, runs, BATCH_IMAGES, bitwise, worst,
+		   s.feature, s.latlon);
+
+done:
+	for (int i = 0; i < ncases; i++)
+	{
+		osv_safetensors_close(&cases[i].g);
+		free(cases[i].bytes);
+	}
+	free(cases);
+	osv_context_free(batch);
+	osv_context_free(one);
 }
 
 /* Abort callback: stop on the call number *(int *) data counts down to. */
@@ -427,7 +601,8 @@ check_run_state(osv_context *ctx, const char *image)
 	float	   *feature = malloc((size_t) d * sizeof(float));
 	float	   *logits = malloc((size_t) c * sizeof(float));
 	float	   *reg = malloc(2 * (size_t) c * sizeof(float));
-	int			left;
+	int			left,
+				threads;
 	osv_status	status;
 	osv_prediction p[4];
 	static const uint8_t garbage[] = "this is not an image";
@@ -450,6 +625,20 @@ check_run_state(osv_context *ctx, const char *image)
 		  memcmp(logits, osv_context_logits(ctx), (size_t) c * sizeof(float)) == 0 &&
 		  memcmp(reg, osv_context_regression(ctx), 2 * (size_t) c * sizeof(float)) == 0,
 		  "two runs of %s differ", image);
+
+	/*
+	 * the thread count changes nothing: the same outputs with 2 OpenBLAS
+	 * threads (network.c keeps every sum's order independent of it)
+	 */
+	threads = osv_blas_threads();
+	osv_blas_set_threads(threads == 1 ? 2 : 1);
+	status = osv_run_image(ctx, bytes, size, &params, &err);
+	CHECK(status == OSV_OK, "run on %d threads: %s", osv_blas_threads(), err.message);
+	CHECK(memcmp(feature, osv_context_feature(ctx), (size_t) d * sizeof(float)) == 0 &&
+		  memcmp(logits, osv_context_logits(ctx), (size_t) c * sizeof(float)) == 0 &&
+		  memcmp(reg, osv_context_regression(ctx), 2 * (size_t) c * sizeof(float)) == 0,
+		  "%s on %d and %d BLAS threads differs", image, threads, osv_blas_threads());
+	osv_blas_set_threads(threads);
 
 	/* abort before block 1 (or 0 for a one-block model): calls 0 and 1 */
 	left = ctx->model->info.num_layers >= 2 ? 1 : 0;
@@ -483,7 +672,7 @@ check_run_state(osv_context *ctx, const char *image)
 			CHECK(p[i - 1].probability > p[i].probability ||
 				  (p[i - 1].probability == p[i].probability && p[i - 1].cell < p[i].cell),
 				  "top-k not sorted at %d", i);
-		CHECK(p[0].cell == ctx->cell, "top-1 %d is not the argmax %d", p[0].cell, ctx->cell);
+		CHECK(p[0].cell == ctx->cell[0], "top-1 %d is not the argmax %d", p[0].cell, ctx->cell[0]);
 		CHECK(osv_context_topk(ctx, 0, all) == 0, "topk(0)");
 		CHECK(osv_context_cell(ctx, -1).cell == -1 && osv_context_cell(ctx, c).cell == -1,
 			  "cells out of range");
@@ -577,8 +766,11 @@ main(void)
 				check_run_state(ctx, image);
 				state_checked = true;
 			}
-			free(golden[i]);
 		}
+		if (model != NULL)
+			check_batches(model, models[m], golden, ngolden);
+		for (int i = 0; i < ngolden; i++)
+			free(golden[i]);
 		compared += s.images;
 		printf("%s: %d images, %d on reference pixels; max pixel diff %.3g, "
 			   "feature rel err %.3g (%.3g on reference pixels), logits %.3g, "
