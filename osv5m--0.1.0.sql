@@ -37,6 +37,18 @@ RETURNS point
 AS 'MODULE_PATHNAME', 'osv5m_geolocate_point'
 LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE COST 1000000;
 
+CREATE FUNCTION osv5m_geolocate_batch(imgs bytea[],
+	OUT ord int, OUT location point,
+	OUT sqlstate text, OUT message text, OUT detail text, OUT hint text)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'osv5m_geolocate_batch'
+LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE COST 1000000;
+
+CREATE FUNCTION osv5m_enrich_images_per_run()
+RETURNS int
+AS 'MODULE_PATHNAME', 'osv5m_enrich_images_per_run'
+LANGUAGE C STABLE PARALLEL SAFE;
+
 CREATE FUNCTION osv5m_geolocate_topk_raw(img bytea, k int,
 	OUT rank int, OUT cell int, OUT probability float8,
 	OUT lat float8, OUT lon float8,
@@ -62,6 +74,10 @@ LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
 
 COMMENT ON FUNCTION osv5m_geolocate_point(bytea) IS
 'internal: the prediction as a point (x = longitude, y = latitude); use geolocate()';
+COMMENT ON FUNCTION osv5m_geolocate_batch(bytea[]) IS
+'internal: the prediction of each image of an array, osv5m.images_per_run images per run of the network, with the error of each image that is not one; used by osv5m_enrich';
+COMMENT ON FUNCTION osv5m_enrich_images_per_run() IS
+'internal: the setting osv5m.images_per_run, defined once the library is loaded';
 COMMENT ON FUNCTION osv5m_geolocate_topk_raw(bytea, int) IS
 'internal: the k most likely cells as plain numbers; use geolocate_topk()';
 COMMENT ON FUNCTION osv5m_cells_raw() IS
@@ -71,10 +87,20 @@ COMMENT ON FUNCTION osv5m_haversine(point, point) IS
 
 -- ---- inference ------------------------------------------------------------
 
+-- The geography of a predicted point: the one construction geolocate() and
+-- osv5m_enrich() share, so that both store the same value.
+CREATE FUNCTION osv5m_point_geography(p point)
+RETURNS geography
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+RETURN ST_SetSRID(geometry(p), 4326)::geography;
+
+COMMENT ON FUNCTION osv5m_point_geography(point) IS
+'internal: a (lon, lat) point as a geography Point, SRID 4326';
+
 CREATE FUNCTION geolocate(img bytea)
 RETURNS geography
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE COST 1000000
-RETURN ST_SetSRID(geometry(osv5m_geolocate_point(img)), 4326)::geography;
+RETURN osv5m_point_geography(osv5m_geolocate_point(img));
 
 COMMENT ON FUNCTION geolocate(bytea) IS
 'the location (Point, SRID 4326) the OSV-5M model predicts for a JPEG or PNG photo';
@@ -374,6 +400,7 @@ AS $$
 	SELECT jsonb_strip_nulls(jsonb_build_object(
 		'osv5m.model_path', pg_catalog.current_setting('osv5m.model_path', true),
 		'osv5m.threads', pg_catalog.current_setting('osv5m.threads', true),
+		'osv5m.images_per_run', @extschema@.osv5m_enrich_images_per_run()::text,
 		'osv5m.max_pixels', pg_catalog.current_setting('osv5m.max_pixels', true)))
 $$;
 
@@ -441,11 +468,35 @@ BEGIN
 END
 $$;
 
+-- A row whose image geolocate() rejects (not JPEG or PNG, corrupt, too
+-- large): with on_error 'stop', raise its error again, saying which row;
+-- with 'skip', record it in osv5m_errors.
+CREATE FUNCTION osv5m_enrich_bad_row(j @extschema@.osv5m_jobs, key_column text,
+									 row_key text, e_state text, e_msg text,
+									 e_detail text, e_hint text)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+	IF j.on_error = 'stop' THEN
+		PERFORM @extschema@.osv5m_reraise(e_state, e_msg,
+			pg_catalog.format('Row %s = %s of %s.', key_column, row_key, j.tbl)
+			|| coalesce(' ' || nullif(e_detail, ''), ''), e_hint);
+	END IF;
+	INSERT INTO @extschema@.osv5m_errors
+		(tbl, image_column, key_column, row_key, sqlstate, message, detail, job_id)
+	VALUES (j.tbl, j.image_column, key_column, row_key, e_state, e_msg,
+			nullif(e_detail, ''), j.job_id)
+	ON CONFLICT ON CONSTRAINT osv5m_errors_row DO NOTHING;
+END
+$$;
+
 -- One batch of a run: lock up to batch_size rows whose target is NULL and
 -- whose image is not, that are in this worker's share (hash of the row key
 -- modulo nparts; worker 0 takes any row), and that osv5m_errors does not
--- list; geolocate and write each.  Returns how many rows were written and
--- how many recorded as errors; 0 and 0 means nothing is left.
+-- list; geolocate them, osv5m.images_per_run images per run of the network
+-- (osv5m_geolocate_batch), and write each.  Returns how many rows were
+-- written and how many recorded as errors; 0 and 0 means nothing is left.
 CREATE FUNCTION osv5m_enrich_batch(job bigint, worker integer DEFAULT 0,
 								   nparts integer DEFAULT 1,
 								   OUT done integer, OUT failed integer)
@@ -456,6 +507,17 @@ DECLARE
 	k			record;
 	rids		tid[];
 	keys		text[];
+	per_run		integer := @extschema@.osv5m_enrich_images_per_run();
+	nrows		integer;
+	grp			tid[];
+	grp_rids	tid[];
+	imgs		bytea[];
+	locs		point[];
+	states		text[];
+	msgs		text[];
+	details		text[];
+	hints		text[];
+	pos			integer;
 	val			record;
 	share		text := '';
 	e_state		text;
@@ -489,46 +551,86 @@ BEGIN
 		k.expr, j.tbl, j.target_column, j.image_column, share)
 	INTO rids, keys
 	USING j.tbl, j.image_column, j.batch_size;
+	nrows := coalesce(array_length(rids, 1), 0);
 
-	FOR i IN 1 .. coalesce(array_length(rids, 1), 0) LOOP
-		-- Only the inference runs in the subtransaction: it writes nothing,
-		-- so it takes no XID, and a batch of any size never overflows the
-		-- 64 cached subtransactions per backend that keep other sessions'
-		-- snapshots cheap.
+	FOR g IN 0 .. (nrows + per_run - 1) / per_run - 1 LOOP
+		grp := rids[g * per_run + 1 : (g + 1) * per_run];
+		-- The group's images through the network together.  Like the
+		-- one-row path below, the subtransaction writes nothing, so it
+		-- takes no XID.  The locked rows cannot move: their ctids hold.
 		BEGIN
 			EXECUTE pg_catalog.format(
-				'SELECT @extschema@.geolocate(t.%I) AS v FROM %s t WHERE t.ctid = $1',
+				'SELECT array_agg(t.ctid), array_agg(t.%I) FROM %s t WHERE t.ctid = ANY($1)',
 				j.image_column, j.tbl)
-			INTO val USING rids[i];
+			INTO grp_rids, imgs USING grp;
+			SELECT array_agg(b.location ORDER BY b.ord), array_agg(b.sqlstate ORDER BY b.ord),
+				   array_agg(b.message ORDER BY b.ord), array_agg(b.detail ORDER BY b.ord),
+				   array_agg(b.hint ORDER BY b.ord)
+			  INTO locs, states, msgs, details, hints
+			  FROM @extschema@.osv5m_geolocate_batch(imgs) b;
 		EXCEPTION
-			-- A bad image: not JPEG/PNG, corrupt, too large.  Anything else
-			-- (no model, out of memory, a cancel) would fail every row, so
-			-- it stops the run whatever on_error says.
+			-- A bad value that is not one image's fault alone (a corrupt
+			-- toasted image fails the whole fetch): take the group one row
+			-- at a time below, which finds the row.
 			WHEN data_exception OR feature_not_supported
 				OR program_limit_exceeded OR data_corrupted THEN
-				GET STACKED DIAGNOSTICS e_state = RETURNED_SQLSTATE,
-					e_msg = MESSAGE_TEXT, e_detail = PG_EXCEPTION_DETAIL,
-					e_hint = PG_EXCEPTION_HINT;
-				IF j.on_error = 'stop' THEN
-					-- the same error, saying which row
-					PERFORM @extschema@.osv5m_reraise(e_state, e_msg,
-						pg_catalog.format('Row %s = %s of %s.', k.key_column, keys[i], j.tbl)
-						|| coalesce(' ' || nullif(e_detail, ''), ''), e_hint);
-				END IF;
-				INSERT INTO @extschema@.osv5m_errors
-					(tbl, image_column, key_column, row_key, sqlstate, message, detail, job_id)
-				VALUES (j.tbl, j.image_column, k.key_column, keys[i], e_state, e_msg,
-						nullif(e_detail, ''), job)
-				ON CONFLICT ON CONSTRAINT osv5m_errors_row DO NOTHING;
-				failed := failed + 1;
-				CONTINUE;
+				grp_rids := NULL;
 		END;
-		-- Outside the subtransaction: an error here (a constraint, a user
-		-- trigger) is not about the image, and stops the run.
-		EXECUTE pg_catalog.format('UPDATE %s SET %I = $1 WHERE ctid = $2',
-								  j.tbl, j.target_column)
-		USING val.v, rids[i];
-		done := done + 1;
+
+		IF grp_rids IS NOT NULL THEN
+			FOR i IN 1 .. array_length(grp_rids, 1) LOOP
+				pos := pg_catalog.array_position(rids, grp_rids[i]);
+				IF states[i] IS NOT NULL THEN
+					-- a bad image, as geolocate() would raise it; anything
+					-- else (out of memory) would fail every row: stop
+					IF NOT (left(states[i], 2) = '22' OR states[i] IN ('0A000', '54000', 'XX001')) THEN
+						PERFORM @extschema@.osv5m_reraise(states[i], msgs[i], details[i], hints[i]);
+					END IF;
+					PERFORM @extschema@.osv5m_enrich_bad_row(j, k.key_column, keys[pos],
+						states[i], msgs[i], details[i], hints[i]);
+					failed := failed + 1;
+					CONTINUE;
+				END IF;
+				-- an error here (a constraint, a user trigger) is not about
+				-- the image, and stops the run
+				EXECUTE pg_catalog.format(
+					'UPDATE %s SET %I = @extschema@.osv5m_point_geography($1) WHERE ctid = $2',
+					j.tbl, j.target_column)
+				USING locs[i], grp_rids[i];
+				done := done + 1;
+			END LOOP;
+			CONTINUE;
+		END IF;
+
+		FOR i IN g * per_run + 1 .. least(nrows, (g + 1) * per_run) LOOP
+			-- Only the inference runs in the subtransaction: it writes
+			-- nothing, so it takes no XID, and a batch of any size never
+			-- overflows the 64 cached subtransactions per backend that
+			-- keep other sessions' snapshots cheap.
+			BEGIN
+				EXECUTE pg_catalog.format(
+					'SELECT @extschema@.geolocate(t.%I) AS v FROM %s t WHERE t.ctid = $1',
+					j.image_column, j.tbl)
+				INTO val USING rids[i];
+			EXCEPTION
+				-- A bad image: not JPEG/PNG, corrupt, too large.  Anything
+				-- else (no model, out of memory, a cancel) would fail every
+				-- row, so it stops the run whatever on_error says.
+				WHEN data_exception OR feature_not_supported
+					OR program_limit_exceeded OR data_corrupted THEN
+					GET STACKED DIAGNOSTICS e_state = RETURNED_SQLSTATE,
+						e_msg = MESSAGE_TEXT, e_detail = PG_EXCEPTION_DETAIL,
+						e_hint = PG_EXCEPTION_HINT;
+					PERFORM @extschema@.osv5m_enrich_bad_row(j, k.key_column, keys[i],
+						e_state, e_msg, e_detail, e_hint);
+					failed := failed + 1;
+					CONTINUE;
+			END;
+			EXECUTE pg_catalog.format('UPDATE %s SET %I = $1 WHERE ctid = $2',
+									  j.tbl, j.target_column)
+			USING val.v, rids[i];
+			done := done + 1;
+		END LOOP;
 	END LOOP;
 
 	INSERT INTO @extschema@.osv5m_job_workers AS w

@@ -219,21 +219,23 @@ InterruptRequested(void *data)
 		(QueryCancelPending || ProcDiePending);
 }
 
-/* Run the network on encoded image bytes: see osv5m_pg.h. */
-OsvLoaded *
-OsvRunImage(const void *data, size_t size)
+/* The parameters of a run under the current settings. */
+static osv_params
+RunParams(void)
 {
-	OsvLoaded  *loaded = OsvGetModel();
 	osv_params	params = osv_default_params();
-	osv_error	err;
-	osv_status	status;
 
 	params.max_pixels = (uint64_t) osv5m_max_pixels;
 	params.abort_callback = InterruptRequested;
 	params.abort_data = NULL;
 	osv_blas_set_threads(osv5m_threads);	/* a no-op when unchanged */
+	return params;
+}
 
-	status = osv_run_image(loaded->ctx, data, size, &params, &err);
+/* After a run that did not complete: raise the cancel, or the core's error. */
+static void
+ReportRunFailure(osv_status status, const osv_error *err)
+{
 	if (status == OSV_ERR_ABORTED)
 	{
 		/* the core has returned and cleaned up: now raise the cancel */
@@ -242,58 +244,105 @@ OsvRunImage(const void *data, size_t size)
 				(errcode(ERRCODE_QUERY_CANCELED),
 				 errmsg("canceling geolocation because an interrupt was requested")));
 	}
+	OsvReportError(err, OSV_STAGE_RUN);
+}
+
+/* Run the network on encoded image bytes: see osv5m_pg.h. */
+OsvLoaded *
+OsvRunImage(const void *data, size_t size)
+{
+	OsvLoaded  *loaded = OsvGetModel();
+	osv_params	params = RunParams();
+	osv_error	err;
+	osv_status	status;
+
+	status = osv_run_image(loaded->ctx, data, size, &params, &err);
 	if (status != OSV_OK)
-		OsvReportError(&err, OSV_STAGE_RUN);
+		ReportRunFailure(status, &err);
 	return loaded;
 }
 
-/* Map a core error to a SQLSTATE, message, detail and hint: see osv5m_pg.h. */
-void
-OsvReportError(const osv_error *err, OsvStage stage)
+/*
+ * Give the cached model a run state for n images per run.  A backend that
+ * only ever geolocates one image at a time keeps the small one (about
+ * 12 MB for ViT-L/14); one that runs batches keeps the larger one until the
+ * model is reloaded.
+ */
+static void
+EnsureBatchCapacity(OsvLoaded *loaded, int n)
 {
-	int			code;
-	const char *hint = NULL;
+	osv_context *ctx;
+	osv_error	err;
 
+	if (osv_context_max_images(loaded->ctx) >= n)
+		return;
+	if (osv_context_new_batch(loaded->model, n, &ctx, &err) != OSV_OK)
+		OsvReportError(&err, OSV_STAGE_CONTEXT);
+	osv_context_free(loaded->ctx);
+	loaded->ctx = ctx;
+}
+
+/* Run the network on n images at once: see osv5m_pg.h. */
+OsvLoaded *
+OsvRunImages(int n, const uint8_t *const data[], const size_t sizes[],
+			 osv_error image_errs[])
+{
+	OsvLoaded  *loaded = OsvGetModel();
+	osv_params	params;
+	osv_error	err;
+	osv_status	status;
+
+	EnsureBatchCapacity(loaded, n);
+	params = RunParams();
+	status = osv_run_images(loaded->ctx, n, data, sizes, &params, image_errs, &err);
+	if (status != OSV_OK)
+		ReportRunFailure(status, &err);
+	return loaded;
+}
+
+/* The SQLSTATE and hint of a core error: see osv5m_pg.h. */
+int
+OsvErrorCode(const osv_error *err, OsvStage stage, const char **hint)
+{
+	*hint = NULL;
 	switch (err->status)
 	{
 		case OSV_ERR_NOMEM:
-			code = ERRCODE_OUT_OF_MEMORY;
-			break;
+			return ERRCODE_OUT_OF_MEMORY;
 		case OSV_ERR_IMAGE_UNSUPPORTED:
-			code = ERRCODE_FEATURE_NOT_SUPPORTED;
-			hint = "Only JPEG and PNG images are supported.";
-			break;
+			*hint = "Only JPEG and PNG images are supported.";
+			return ERRCODE_FEATURE_NOT_SUPPORTED;
 		case OSV_ERR_IMAGE_CORRUPT:
-			code = ERRCODE_INVALID_BINARY_REPRESENTATION;
-			break;
+			return ERRCODE_INVALID_BINARY_REPRESENTATION;
 		case OSV_ERR_LIMIT:
-			code = ERRCODE_PROGRAM_LIMIT_EXCEEDED;
-			hint = "A superuser can raise osv5m.max_pixels.";
-			break;
+			*hint = "A superuser can raise osv5m.max_pixels.";
+			return ERRCODE_PROGRAM_LIMIT_EXCEEDED;
 		case OSV_ERR_ARGUMENT:
-			code = ERRCODE_INVALID_PARAMETER_VALUE;
-			break;
+			return ERRCODE_INVALID_PARAMETER_VALUE;
 		case OSV_ERR_ABORTED:
-			code = ERRCODE_QUERY_CANCELED;
-			break;
+			return ERRCODE_QUERY_CANCELED;
 		case OSV_ERR_IO:
 		case OSV_ERR_MODEL:
 		default:
 			if (stage == OSV_STAGE_CONTEXT)
 			{
 				/* the context is where the core loads OpenBLAS */
-				code = ERRCODE_EXTERNAL_ROUTINE_EXCEPTION;
-				hint = "Check that OpenBLAS (libopenblas0) is installed on the server.";
+				*hint = "Check that OpenBLAS (libopenblas0) is installed on the server.";
+				return ERRCODE_EXTERNAL_ROUTINE_EXCEPTION;
 			}
-			else
-			{
-				code = ERRCODE_CONFIG_FILE_ERROR;
-				hint = "Set osv5m.model_path to a directory holding model.safetensors and "
-					"quadtree_10_1000.csv, e.g. ALTER SYSTEM SET osv5m.model_path = "
-					"'/srv/osv5m/baseline'.";
-			}
-			break;
+			*hint = "Set osv5m.model_path to a directory holding model.safetensors and "
+				"quadtree_10_1000.csv, e.g. ALTER SYSTEM SET osv5m.model_path = "
+				"'/srv/osv5m/baseline'.";
+			return ERRCODE_CONFIG_FILE_ERROR;
 	}
+}
+
+/* Raise a core error as an ERROR: see osv5m_pg.h. */
+void
+OsvReportError(const osv_error *err, OsvStage stage)
+{
+	const char *hint;
+	int			code = OsvErrorCode(err, stage, &hint);
 
 	ereport(ERROR,
 			(errcode(code),

@@ -2,8 +2,9 @@
  * geolocate.c: the SQL-callable inference and model functions.
  *
  * Each function detoasts its argument into the per-call memory context,
- * runs the core through OsvRunImage (cache.c), and builds its result in the
- * caller's context from the context's results.  The functions return plain
+ * runs the core through OsvRunImage (cache.c), or OsvRunImages for an
+ * array of images, and builds its result in the caller's context from the
+ * context's results.  The functions return plain
  * PostgreSQL types (point, float8 columns, real[], jsonb); the SQL wrappers
  * in osv5m--0.1.0.sql turn coordinates into geography, so this file never
  * sees PostGIS's serialized format.
@@ -28,6 +29,8 @@
 #include "utils/tuplestore.h"
 
 PG_FUNCTION_INFO_V1(osv5m_geolocate_point);
+PG_FUNCTION_INFO_V1(osv5m_geolocate_batch);
+PG_FUNCTION_INFO_V1(osv5m_enrich_images_per_run);
 PG_FUNCTION_INFO_V1(osv5m_geolocate_topk_raw);
 PG_FUNCTION_INFO_V1(geolocate_embedding);
 PG_FUNCTION_INFO_V1(osv5m_cells_raw);
@@ -63,6 +66,115 @@ osv5m_geolocate_point(PG_FUNCTION_ARGS)
 	p->x = best.lon;
 	p->y = best.lat;
 	PG_RETURN_POINT_P(p);
+}
+
+/*
+ * osv5m_geolocate_batch(imgs bytea[]) RETURNS TABLE(ord, location, sqlstate,
+ * message, detail, hint): the prediction for each element of imgs, run
+ * through the network osv5m.images_per_run at a time (osv_run_images).
+ * Element ord (1-based) gives its location as osv5m_geolocate_point does,
+ * or, when it is not an image
+ * that can be decoded, the SQLSTATE, message, detail and hint that
+ * geolocate() would raise for it; a NULL element gives a row of NULLs.
+ * Errors that are not about one image (no model, a cancel) are raised.
+ */
+Datum
+osv5m_geolocate_batch(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	ArrayType  *imgs = PG_GETARG_ARRAYTYPE_P(0);
+	int			per_run = osv5m_images_per_run;
+	Datum	   *elems;
+	bool	   *elem_nulls;
+	int			n;
+	const uint8_t **data = palloc(sizeof(*data) * per_run);
+	size_t	   *sizes = palloc(sizeof(*sizes) * per_run);
+	osv_error  *errs = palloc(sizeof(*errs) * per_run);
+	int		   *which = palloc(sizeof(*which) * per_run);
+
+	if (ARR_NDIM(imgs) > 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_ARRAY_SUBSCRIPT_ERROR),
+				 errmsg("osv5m_geolocate_batch expects a one-dimensional array")));
+	/* array elements are never toasted: these point into imgs, no copies */
+	deconstruct_array(imgs, BYTEAOID, -1, false, TYPALIGN_INT,
+					  &elems, &elem_nulls, &n);
+	InitMaterializedSRF(fcinfo, 0);
+
+	for (int start = 0; start < n; start += per_run)
+	{
+		int			count = Min(per_run, n - start);
+		int			m = 0;
+		OsvLoaded  *loaded = NULL;
+
+		/* which[i]: the place of element start + i among the images run */
+		for (int i = 0; i < count; i++)
+		{
+			which[i] = -1;
+			if (elem_nulls[start + i])
+				continue;
+			data[m] = (const uint8_t *) VARDATA_ANY(DatumGetPointer(elems[start + i]));
+			sizes[m] = VARSIZE_ANY_EXHDR(DatumGetPointer(elems[start + i]));
+			which[i] = m++;
+		}
+		if (m > 0)
+			loaded = OsvRunImages(m, data, sizes, errs);
+
+		for (int i = 0; i < count; i++)
+		{
+			Datum		values[6];
+			bool		nulls[6] = {false, true, true, true, true, true};
+			const osv_error *err = which[i] >= 0 ? &errs[which[i]] : NULL;
+
+			values[0] = Int32GetDatum(start + i + 1);
+			if (err != NULL && err->status != OSV_OK)
+			{
+				const char *hint;
+				int			code = OsvErrorCode(err, OSV_STAGE_RUN, &hint);
+
+				values[2] = CStringGetTextDatum(unpack_sql_state(code));
+				values[3] = CStringGetTextDatum(err->message);
+				nulls[2] = nulls[3] = false;
+				if (err->detail[0] != '\0')
+				{
+					values[4] = CStringGetTextDatum(err->detail);
+					nulls[4] = false;
+				}
+				if (hint != NULL)
+				{
+					values[5] = CStringGetTextDatum(hint);
+					nulls[5] = false;
+				}
+			}
+			else if (err != NULL)
+			{
+				osv_prediction best;
+				Point	   *p;
+
+				if (osv_context_topk_at(loaded->ctx, which[i], 1, &best) != 1)
+					elog(ERROR, "osv5m model returned no prediction");
+				p = (Point *) palloc(sizeof(Point));
+				p->x = best.lon;
+				p->y = best.lat;
+				values[1] = PointPGetDatum(p);
+				nulls[1] = false;
+			}
+			tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+		}
+	}
+	return (Datum) 0;
+}
+
+/*
+ * osv5m_enrich_images_per_run() RETURNS int: osv5m.images_per_run.  PL/pgSQL
+ * cannot read the setting with current_setting() before the library is
+ * loaded in the backend (the setting is not defined yet); calling a C
+ * function loads it.
+ */
+Datum
+osv5m_enrich_images_per_run(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_INT32(osv5m_images_per_run);
 }
 
 /*

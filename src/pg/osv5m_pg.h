@@ -20,6 +20,7 @@
 extern char *osv5m_model_path;	/* osv5m.model_path, "" when unset */
 extern int	osv5m_threads;		/* osv5m.threads */
 extern int	osv5m_max_pixels;	/* osv5m.max_pixels */
+extern int	osv5m_images_per_run;	/* osv5m.images_per_run */
 
 /* ---- the per-backend model cache (cache.c) ------------------------- */
 
@@ -28,7 +29,7 @@ typedef enum OsvStage
 {
 	OSV_STAGE_LOAD,				/* osv_model_open */
 	OSV_STAGE_CONTEXT,			/* osv_context_new (loads OpenBLAS) */
-	OSV_STAGE_RUN				/* osv_run_image */
+	OSV_STAGE_RUN				/* osv_run_image, osv_run_images */
 } OsvStage;
 
 /* The loaded model of this backend and what it was loaded from. */
@@ -51,7 +52,20 @@ extern OsvLoaded *OsvGetModel(void);
  */
 extern OsvLoaded *OsvRunImage(const void *data, size_t size);
 
-/* The one place that turns a core error into ereport(ERROR). */
+/*
+ * Run the network on n images together (osv_run_images), growing the
+ * backend's run state to n images if needed.  Afterwards image_errs[i]
+ * tells how image i fared and the results are in OsvGetModel()->ctx.
+ * Raises an ERROR when the run as a whole fails or is cancelled.
+ */
+extern OsvLoaded *OsvRunImages(int n, const uint8_t *const data[],
+							   const size_t sizes[], osv_error image_errs[]);
+
+/*
+ * The one place that maps a core error to a SQLSTATE (and a hint, or
+ * NULL), and the one that raises it as an ERROR with that mapping.
+ */
+extern int	OsvErrorCode(const osv_error *err, OsvStage stage, const char **hint);
 extern void OsvReportError(const osv_error *err, OsvStage stage) pg_attribute_noreturn();
 
 /*
