@@ -491,12 +491,13 @@ BEGIN
 END
 $$;
 
--- One batch of a run: lock up to batch_size rows whose target is NULL and
--- whose image is not, that are in this worker's share (hash of the row key
--- modulo nparts; worker 0 takes any row), and that osv5m_errors does not
--- list; geolocate them, osv5m.images_per_run images per run of the network
--- (osv5m_geolocate_batch), and write each.  Returns how many rows were
--- written and how many recorded as errors; 0 and 0 means nothing is left.
+-- One batch of a run: up to batch_size rows whose target is NULL and whose
+-- image is not, that are in this worker's share (hash of the row key modulo
+-- nparts; worker 0, or nparts 1, takes any row), and that osv5m_errors does
+-- not list; geolocate them, osv5m.images_per_run images per run of the
+-- network (osv5m_geolocate_batch), and write each.  Returns how many rows
+-- were written and how many recorded as errors; 0 and 0 means nothing is
+-- left.
 CREATE FUNCTION osv5m_enrich_batch(job bigint, worker integer DEFAULT 0,
 								   nparts integer DEFAULT 1,
 								   OUT done integer, OUT failed integer)
@@ -505,11 +506,11 @@ AS $$
 DECLARE
 	j			@extschema@.osv5m_jobs;
 	k			record;
-	rids		tid[];
-	keys		text[];
 	per_run		integer := @extschema@.osv5m_enrich_images_per_run();
-	nrows		integer;
+	want		integer;
+	last_rid	tid;
 	grp			tid[];
+	keys		text[];
 	grp_rids	tid[];
 	imgs		bytea[];
 	locs		point[];
@@ -538,23 +539,31 @@ BEGIN
 								   k.expr, nparts, worker - 1);
 	END IF;
 
+	-- The rows are locked one group of per_run at a time, up to batch_size
+	-- rows in all, and each group goes through the network together: other
+	-- processes can take any row this one has not reached yet, so at the
+	-- end of a run every process has work until the last groups.  Each
+	-- lock query starts after the last row the previous one locked (a TID
+	-- range scan), so a batch reads the table once, not once per group.
 	-- SKIP LOCKED: rows another process holds are its business.  The lock
 	-- re-checks "target IS NULL" on the row's newest version, so a row
 	-- written and committed meanwhile is skipped, never written again.
-	EXECUTE pg_catalog.format(
-		'SELECT array_agg(s.rid), array_agg(s.key) FROM ('
-		'SELECT t.ctid AS rid, %1$s AS key FROM %2$s t'
-		' WHERE t.%3$I IS NULL AND t.%4$I IS NOT NULL%5$s'
-		' AND NOT EXISTS (SELECT FROM @extschema@.osv5m_errors e'
-		' WHERE e.tbl = $1 AND e.image_column = $2 AND e.row_key = %1$s)'
-		' LIMIT $3 FOR UPDATE OF t SKIP LOCKED) s',
-		k.expr, j.tbl, j.target_column, j.image_column, share)
-	INTO rids, keys
-	USING j.tbl, j.image_column, j.batch_size;
-	nrows := coalesce(array_length(rids, 1), 0);
+	last_rid := '(0,0)';
+	LOOP
+		want := least(per_run, j.batch_size - done - failed);
+		EXIT WHEN want <= 0;
+		EXECUTE pg_catalog.format(
+			'SELECT array_agg(s.rid), array_agg(s.key), max(s.rid) FROM ('
+			'SELECT t.ctid AS rid, %1$s AS key FROM %2$s t'
+			' WHERE t.ctid > $4 AND t.%3$I IS NULL AND t.%4$I IS NOT NULL%5$s'
+			' AND NOT EXISTS (SELECT FROM @extschema@.osv5m_errors e'
+			' WHERE e.tbl = $1 AND e.image_column = $2 AND e.row_key = %1$s)'
+			' LIMIT $3 FOR UPDATE OF t SKIP LOCKED) s',
+			k.expr, j.tbl, j.target_column, j.image_column, share)
+		INTO grp, keys, last_rid
+		USING j.tbl, j.image_column, want, last_rid;
+		EXIT WHEN grp IS NULL;
 
-	FOR g IN 0 .. (nrows + per_run - 1) / per_run - 1 LOOP
-		grp := rids[g * per_run + 1 : (g + 1) * per_run];
 		-- The group's images through the network together.  Like the
 		-- one-row path below, the subtransaction writes nothing, so it
 		-- takes no XID.  The locked rows cannot move: their ctids hold.
@@ -579,7 +588,7 @@ BEGIN
 
 		IF grp_rids IS NOT NULL THEN
 			FOR i IN 1 .. array_length(grp_rids, 1) LOOP
-				pos := pg_catalog.array_position(rids, grp_rids[i]);
+				pos := pg_catalog.array_position(grp, grp_rids[i]);
 				IF states[i] IS NOT NULL THEN
 					-- a bad image, as geolocate() would raise it; anything
 					-- else (out of memory) would fail every row: stop
@@ -602,7 +611,7 @@ BEGIN
 			CONTINUE;
 		END IF;
 
-		FOR i IN g * per_run + 1 .. least(nrows, (g + 1) * per_run) LOOP
+		FOR i IN 1 .. array_length(grp, 1) LOOP
 			-- Only the inference runs in the subtransaction: it writes
 			-- nothing, so it takes no XID, and a batch of any size never
 			-- overflows the 64 cached subtransactions per backend that
@@ -611,7 +620,7 @@ BEGIN
 				EXECUTE pg_catalog.format(
 					'SELECT @extschema@.geolocate(t.%I) AS v FROM %s t WHERE t.ctid = $1',
 					j.image_column, j.tbl)
-				INTO val USING rids[i];
+				INTO val USING grp[i];
 			EXCEPTION
 				-- A bad image: not JPEG/PNG, corrupt, too large.  Anything
 				-- else (no model, out of memory, a cancel) would fail every
@@ -628,7 +637,7 @@ BEGIN
 			END;
 			EXECUTE pg_catalog.format('UPDATE %s SET %I = $1 WHERE ctid = $2',
 									  j.tbl, j.target_column)
-			USING val.v, rids[i];
+			USING val.v, grp[i];
 			done := done + 1;
 		END LOOP;
 	END LOOP;

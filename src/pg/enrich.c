@@ -6,7 +6,9 @@
  * background workers.  Worker w (1..N) connects to the caller's database as
  * the caller's user, takes the caller's osv5m.* settings, and calls the SQL
  * function osv5m_enrich_batch(job, w, N) in a loop, one transaction per
- * batch, until a batch finds nothing left in its share of the rows.  The
+ * batch, until a batch finds nothing left in its share of the rows; then
+ * osv5m_enrich_batch(job, w, 1), which takes any row no process holds,
+ * until nothing is left at all.  The
  * caller polls with osv5m_enrich_wait(), which returns after at most the
  * given time so that the caller can commit, report progress and check for
  * a failed worker between waits.
@@ -370,7 +372,7 @@ EnrichSigterm(SIGNAL_ARGS)
 	errno = save_errno;
 }
 
-/* Entry point of a worker: batches until its share of the rows is done. */
+/* Entry point of a worker: batches until its share, then all the rows, are done. */
 void
 osv5m_enrich_worker_main(Datum main_arg)
 {
@@ -416,13 +418,24 @@ osv5m_enrich_worker_main(Datum main_arg)
 		int			count;
 
 		RunInTransaction(setup_sql.data, 2, types, values, NULL);
-		do
+		for (;;)
 		{
 			CHECK_FOR_INTERRUPTS();
 			if (got_sigterm)
 				break;
 			RunInTransaction(batch_sql.data, 3, types, values, &count);
-		} while (count > 0);
+			if (count > 0)
+				continue;
+			if (DatumGetInt32(values[2]) == 1)
+				break;
+
+			/*
+			 * Its share is done: help with the others' rows that nobody has
+			 * locked yet (nparts 1 takes any row), so that no core sits idle
+			 * while another worker still has rows to go.
+			 */
+			values[2] = Int32GetDatum(1);
+		}
 		if (!got_sigterm)
 			RunInTransaction(done_sql.data, 2, types, values, NULL);
 	}

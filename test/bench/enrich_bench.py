@@ -12,11 +12,18 @@ table of generated JPEGs of camera sizes (640x480 to 2048x1536):
       pytorch     the pipeline beside the database: psycopg2 reads the rows,
                   PIL decodes, test/reference/reference.py runs the network
                   (1 intra-op thread, THREADS OpenBLAS threads: PyTorch's
-                  fastest setting here), psycopg2 writes back
-    the median of --runs runs each, side by side, with the ratio to pytorch;
+                  fastest thread setting here), psycopg2 writes back, on the
+                  kernels OpenBLAS picks for this CPU by itself
+      pytorch_tuned  the same on the OpenBLAS kernels that are fastest for
+                  PyTorch here (OPENBLAS_CORETYPE, found by a calibration on
+                  2 images); left out when that is OpenBLAS's own choice
+    the median of --runs runs each, side by side, with the ratios to both
+    PyTorch rows; osv5m_enrich runs osv5m.images_per_run images per run of
+    the network (--images-per-run, default the server's);
   - private memory per busy backend (USS = Private_Clean + Private_Dirty,
     and PSS, from /proc/PID/smaps_rollup) with 2 and 4 backends running
-    geolocate() at once: the weights are mmap'ed, so they show as shared;
+    geolocate() at once, and of the background workers of enrich_N at
+    their peak: the weights are mmap'ed, so they show as shared;
   - first-call latency in a fresh backend: the first geolocate() minus the
     second (model open, OpenBLAS load, run state allocation).
 
@@ -46,6 +53,7 @@ from PIL import Image
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.normpath(os.path.join(HERE, "..", ".."))
+PYTHON = "/usr/bin/python3"     # the interpreter with torch, numpy and PIL
 SIZES = [(640, 480), (1024, 768), (1280, 960), (1600, 1200), (2048, 1536)]
 
 
@@ -98,6 +106,7 @@ class Bench:
     def __init__(self, args, host):
         self.args = args
         self.dsn = dict(host=host, port=args.port, user="postgres", dbname="bench")
+        self.worker_peak = {}
 
     def connect(self, threads=None, autocommit=True):
         """A new session with the model set (and osv5m.threads if given)."""
@@ -161,42 +170,59 @@ class Bench:
         return dt
 
     def run_enrich(self, workers):
-        """osv5m_enrich with 1 or N workers; threads split among workers."""
+        """osv5m_enrich with 1 or N workers; threads split among workers.
+        While it runs, the peak USS of its background workers is kept."""
         threads = max(1, self.args.threads // workers)
         conn = self.connect(threads)
+        if self.args.images_per_run:
+            with conn.cursor() as cur:
+                cur.execute("SET osv5m.images_per_run = %s", (self.args.images_per_run,))
         if workers == 1:
             self.warm(conn)  # the caller itself infers; workers load their own
+        stop = threading.Event()
+        sampler = threading.Thread(target=self.sample_workers, args=(stop,))
+        sampler.start()
         t = time.time()
-        with conn.cursor() as cur:
-            cur.execute("CALL osv5m_enrich('photos', 'img', 'loc', batch_size => %s, workers => %s)",
-                        (self.args.batch_size, workers))
-        dt = time.time() - t
+        try:
+            with conn.cursor() as cur:
+                cur.execute("CALL osv5m_enrich('photos', 'img', 'loc', batch_size => %s, workers => %s)",
+                            (self.args.batch_size, workers))
+        finally:
+            dt = time.time() - t
+            stop.set()
+            sampler.join()
         conn.close()
         return dt
 
-    def run_pytorch(self, ref):
-        """Read, decode, run reference.py, write back: THREADS OpenBLAS
-        threads under one intra-op thread (PyTorch's fastest setting)."""
-        import torch
-        torch.set_num_threads(1)
-        conn = self.connect(autocommit=False)
-        t = time.time()
+    def sample_workers(self, stop):
+        """Until stop: the peak USS/PSS/RSS of each osv5m enrich worker."""
+        conn = self.connect()
         with conn.cursor() as cur:
-            cur.execute("SELECT id, img FROM photos WHERE loc IS NULL ORDER BY id")
-            rows = cur.fetchall()
-        out = []
-        for rid, img in rows:
-            with Image.open(io.BytesIO(bytes(img))) as im:
-                pixels = ref.transform(im.convert("RGB"))
-            r = ref.run_pixels(pixels, k=1)
-            out.append((r["lon"], r["lat"], rid))
-        with conn.cursor() as cur:
-            cur.executemany("UPDATE photos SET loc = ST_SetSRID(ST_MakePoint(%s, %s), 4326)::geography "
-                            "WHERE id = %s", out)
-        conn.commit()
-        dt = time.time() - t
+            while not stop.wait(0.5):
+                cur.execute("SELECT pid FROM pg_stat_activity WHERE backend_type = 'osv5m enrich worker'")
+                for (pid,) in cur.fetchall():
+                    m = smaps_rollup(pid)
+                    if m and m["uss"] > self.worker_peak.get(pid, {"uss": 0})["uss"]:
+                        self.worker_peak[pid] = m
         conn.close()
-        return dt
+
+    def blas_core(self):
+        """The OpenBLAS kernels the server's backends run."""
+        conn = self.connect()
+        with conn.cursor() as cur:
+            cur.execute("SELECT osv5m_model_info()->>'blas_core'")
+            core = cur.fetchone()[0]
+        conn.close()
+        return core
+
+    def run_pytorch(self, coretype):
+        """The PyTorch pipeline in a fresh process (OpenBLAS reads its
+        kernel and thread settings when torch loads it): seconds."""
+        env = torch_env(self.args.threads, coretype)
+        cmd = [PYTHON, os.path.abspath(__file__), "--pytorch-worker", "--model", self.args.model,
+               "--port", str(self.args.port), "--host", self.dsn["host"]]
+        out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+        return json.loads(out.strip().splitlines()[-1])["seconds"]
 
     def memory(self, backends):
         """USS, PSS, RSS (MB) of each of `backends` sessions busy with geolocate."""
@@ -243,6 +269,72 @@ class Bench:
         return times
 
 
+def torch_env(threads, coretype):
+    """The environment of a PyTorch process: 1 intra-op thread, `threads`
+    OpenBLAS threads (PyTorch's fastest split here, as compare.py's
+    calibration finds: N of each oversubscribes the cores and runs about 2.5
+    times slower), and OPENBLAS_CORETYPE = coretype (None: OpenBLAS's own
+    choice for this CPU)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS=str(threads),
+               MKL_NUM_THREADS=str(threads))
+    env.pop("OPENBLAS_CORETYPE", None)
+    if coretype:
+        env["OPENBLAS_CORETYPE"] = coretype
+    return env
+
+
+def pytorch_worker(args):
+    """In a fresh process: read, decode, run reference.py, write back.  The
+    model is loaded before the clock starts, as the database side's is."""
+    sys.path.insert(0, os.path.join(ROOT, "test", "reference"))
+    import reference
+    import torch
+
+    torch.set_num_threads(1)
+    ref = reference.Reference(args.model)
+    conn = psycopg2.connect(host=args.host, port=args.port, user="postgres", dbname="bench")
+    t = time.time()
+    with conn.cursor() as cur:
+        cur.execute("SELECT id, img FROM photos WHERE loc IS NULL ORDER BY id")
+        rows = cur.fetchall()
+    out = []
+    for rid, img in rows:
+        with Image.open(io.BytesIO(bytes(img))) as im:
+            pixels = ref.transform(im.convert("RGB"))
+        r = ref.run_pixels(pixels, k=1)
+        out.append((r["lon"], r["lat"], rid))
+    with conn.cursor() as cur:
+        cur.executemany("UPDATE photos SET loc = ST_SetSRID(ST_MakePoint(%s, %s), 4326)::geography "
+                        "WHERE id = %s", out)
+    conn.commit()
+    dt = time.time() - t
+    conn.close()
+    print(json.dumps({"seconds": dt, "rows": len(rows)}))
+    return 0
+
+
+def calibrate_coretype(model, threads, files):
+    """The OpenBLAS kernels fastest for PyTorch here: each candidate times
+    the reference on 2 images (decode included) in a fresh process.
+    Returns (best, {candidate: seconds per image}); None is OpenBLAS's own
+    choice."""
+    candidates = [None]
+    with open("/proc/cpuinfo") as f:
+        flags = next((l.split(":", 1)[1].split() for l in f if l.startswith("flags")), [])
+    if "avx2" in flags:
+        candidates.append("Haswell")
+    if all(x in flags for x in ("avx512f", "avx512bw", "avx512dq", "avx512vl")):
+        candidates.append("SkylakeX")
+    trial = {}
+    for c in candidates:
+        cmd = [PYTHON, os.path.join(HERE, "compare.py"), "--torch-worker", "--model", model,
+               "--torch-threads", "1", "--iters", "1"] + files[:2]
+        out = subprocess.run(cmd, env=torch_env(threads, c), check=True, capture_output=True,
+                             text=True).stdout
+        trial[c] = json.loads(out.strip().splitlines()[-1])["median_s"]
+    return min(trial, key=trial.get), trial
+
+
 def smaps_rollup(pid):
     """RSS, PSS, USS and shared memory of a process, in MB, or None."""
     try:
@@ -272,17 +364,19 @@ def main():
     ap.add_argument("--model", default=os.path.join(ROOT, "models", "full-random"))
     ap.add_argument("--port", type=int, default=54396)
     ap.add_argument("--dir", default=os.path.join(ROOT, "build", "bench"))
-    ap.add_argument("--only", default="update,enrich_1,enrich_N,pytorch,memory,first_call",
+    ap.add_argument("--images-per-run", type=int, default=0,
+                    help="osv5m.images_per_run for osv5m_enrich (default: the server's)")
+    ap.add_argument("--only",
+                    default="update,enrich_1,enrich_N,pytorch,pytorch_tuned,memory,first_call",
                     help="comma-separated subset of the measurements")
     ap.add_argument("--keep", action="store_true", help="leave the cluster running")
+    # internal: the PyTorch pipeline runs in its own process
+    ap.add_argument("--pytorch-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--host", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.model = os.path.abspath(args.model)
-    # PyTorch's fastest setting for N threads on this OpenBLAS build, as
-    # test/bench/compare.py's calibration finds it: 1 intra-op thread and N
-    # OpenBLAS threads (N of each oversubscribes the cores and runs about 2.5
-    # times slower).  OpenBLAS reads its thread count when torch loads it,
-    # so this must be set before the import below.
-    os.environ["OPENBLAS_NUM_THREADS"] = str(args.threads)
+    if args.pytorch_worker:
+        return pytorch_worker(args)
     only = set(args.only.split(","))
 
     if not os.path.exists(os.path.join(args.model, "model.safetensors")):
@@ -291,10 +385,12 @@ def main():
     host = start_cluster(os.path.join(args.dir, "pg"), args.port)
     results = {"rows": args.rows, "runs": args.runs, "threads": args.threads,
                "workers": args.workers, "batch_size": args.batch_size,
+               "images_per_run": args.images_per_run or "server default",
                "model": args.model, "cpus": os.cpu_count()}
     try:
         b = Bench(args, host)
         b.setup(paths)
+        results["server_blas_core"] = b.blas_core()
         configs = [("update", "UPDATE ... SET loc = geolocate(img)", "1 x %d" % args.threads,
                     b.run_update),
                    ("enrich_1", "CALL osv5m_enrich(workers => 1)", "1 x %d" % args.threads,
@@ -302,36 +398,51 @@ def main():
                    ("enrich_N", "CALL osv5m_enrich(workers => %d)" % args.workers,
                     "%d x %d" % (args.workers, max(1, args.threads // args.workers)),
                     lambda: b.run_enrich(args.workers))]
-        if "pytorch" in only:
-            sys.path.insert(0, os.path.join(ROOT, "test", "reference"))
-            import reference
-            log("loading the PyTorch reference model")
-            ref = reference.Reference(args.model)
+        if "pytorch" in only or "pytorch_tuned" in only:
+            log("calibrating PyTorch's OpenBLAS kernels")
+            best, trial = calibrate_coretype(args.model, args.threads, paths)
+            results["pytorch_kernels"] = {str(k or "OpenBLAS's own choice"): v for k, v in trial.items()}
+            print("PyTorch kernel calibration (s/image, 2 images): %s -> %s" % (
+                ", ".join("%s %.3f" % (k or "own choice", v) for k, v in trial.items()),
+                best or "OpenBLAS's own choice"), flush=True)
             configs.append(("pytorch", "psycopg2 + PIL + PyTorch reference.py",
-                            "1 x %d" % args.threads, lambda: b.run_pytorch(ref)))
-        rates = {}
-        for key, label, shape, fn in configs:
-            if key not in only:
-                continue
-            times = []
-            for r in range(args.runs):
+                            "1 x %d" % args.threads, lambda: b.run_pytorch(None)))
+            if best is not None:
+                configs.append(("pytorch_tuned", "the same, OPENBLAS_CORETYPE=%s" % best,
+                                "1 x %d" % args.threads, lambda: b.run_pytorch(best)))
+        configs = [c for c in configs if c[0] in only]
+        # alternate the pipelines run after run, so that drifting load on a
+        # shared machine hits all of them alike
+        times = {key: [] for key, _, _, _ in configs}
+        for r in range(args.runs):
+            for key, _, _, fn in configs:
                 b.reset()
                 log("%s, run %d of %d" % (key, r + 1, args.runs))
-                times.append(fn())
+                times[key].append(fn())
                 if b.located() != args.rows:
                     sys.exit("%s left %d rows without a location" % (key, args.rows - b.located()))
-            rate = args.rows / statistics.median(times)
-            rates[key] = rate
-            results[key] = {"label": label, "processes_x_threads": shape,
-                            "seconds": times, "rows_per_second": rate}
-
-        print("osv5m bulk enrichment: %d rows, %d run(s) each, median; %d cores, %d threads in all"
-              % (args.rows, args.runs, os.cpu_count(), args.threads))
-        print("%-44s %-9s %10s %10s" % ("pipeline", "procs x thr", "rows/s", "vs pytorch"))
+        rates = {}
         for key, label, shape, _ in configs:
-            if key in rates:
-                ratio = ("%.2fx" % (rates[key] / rates["pytorch"])) if "pytorch" in rates else "-"
-                print("%-44s %-9s %10.3f %10s" % (label, shape, rates[key], ratio))
+            rates[key] = args.rows / statistics.median(times[key])
+            results[key] = {"label": label, "processes_x_threads": shape,
+                            "seconds": times[key], "rows_per_second": rates[key]}
+
+        print("osv5m bulk enrichment: %d rows, %d run(s) each, alternated, median; %d cores, "
+              "%d threads in all; server on OpenBLAS's %s kernels"
+              % (args.rows, args.runs, os.cpu_count(), args.threads, results["server_blas_core"]))
+        print("%-44s %-9s %10s %10s %10s" % ("pipeline", "procs x thr", "rows/s", "vs pytorch",
+                                             "vs tuned"))
+        for key, label, shape, _ in configs:
+            ratio = ("%.2fx" % (rates[key] / rates["pytorch"])) if "pytorch" in rates else "-"
+            tuned = ("%.2fx" % (rates[key] / rates["pytorch_tuned"])) if "pytorch_tuned" in rates else "-"
+            print("%-44s %-9s %10.3f %10s %10s" % (label, shape, rates[key], ratio, tuned))
+        if b.worker_peak:
+            peak = list(b.worker_peak.values())
+            results["enrich_worker_memory"] = peak
+            print("osv5m_enrich background workers at their peak: private (USS) %s MB, PSS %s MB, "
+                  "RSS %s MB" % ("/".join("%.0f" % x["uss"] for x in peak),
+                                 "/".join("%.0f" % x["pss"] for x in peak),
+                                 "/".join("%.0f" % x["rss"] for x in peak)))
 
         if "memory" in only:
             for n in (2, 4):
@@ -364,4 +475,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
