@@ -22,8 +22,9 @@ table of generated JPEGs of camera sizes (640x480 to 2048x1536):
     the network (--images-per-run, default the server's);
   - private memory per busy backend (USS = Private_Clean + Private_Dirty,
     and PSS, from /proc/PID/smaps_rollup) with 2 and 4 backends running
-    geolocate() at once, and of the background workers of enrich_N at
-    their peak: the weights are mmap'ed, so they show as shared;
+    geolocate() at once, and of the background workers of enrich_N while
+    they all run (with Anonymous, the memory they allocated themselves):
+    the weights are mmap'ed, so they show as shared;
   - first-call latency in a fresh backend: the first geolocate() minus the
     second (model open, OpenBLAS load, run state allocation).
 
@@ -106,7 +107,7 @@ class Bench:
     def __init__(self, args, host):
         self.args = args
         self.dsn = dict(host=host, port=args.port, user="postgres", dbname="bench")
-        self.worker_peak = {}
+        self.worker_samples = []
 
     def connect(self, threads=None, autocommit=True):
         """A new session with the model set (and osv5m.threads if given)."""
@@ -180,7 +181,7 @@ class Bench:
         if workers == 1:
             self.warm(conn)  # the caller itself infers; workers load their own
         stop = threading.Event()
-        sampler = threading.Thread(target=self.sample_workers, args=(stop,))
+        sampler = threading.Thread(target=self.sample_workers, args=(stop, workers))
         sampler.start()
         t = time.time()
         try:
@@ -194,16 +195,18 @@ class Bench:
         conn.close()
         return dt
 
-    def sample_workers(self, stop):
-        """Until stop: the peak USS/PSS/RSS of each osv5m enrich worker."""
+    def sample_workers(self, stop, workers):
+        """Until stop, twice a second while all `workers` background workers
+        run: each one's memory (smaps_rollup).  Kept in self.worker_samples."""
         conn = self.connect()
         with conn.cursor() as cur:
             while not stop.wait(0.5):
                 cur.execute("SELECT pid FROM pg_stat_activity WHERE backend_type = 'osv5m enrich worker'")
-                for (pid,) in cur.fetchall():
-                    m = smaps_rollup(pid)
-                    if m and m["uss"] > self.worker_peak.get(pid, {"uss": 0})["uss"]:
-                        self.worker_peak[pid] = m
+                pids = [pid for (pid,) in cur.fetchall()]
+                if len(pids) == workers:
+                    sample = [smaps_rollup(pid) for pid in pids]
+                    if all(sample):
+                        self.worker_samples.extend(sample)
         conn.close()
 
     def blas_core(self):
@@ -349,7 +352,8 @@ def smaps_rollup(pid):
     mb = lambda k: kb.get(k, 0) / 1024.0
     return {"rss": mb("Rss"), "pss": mb("Pss"),
             "uss": mb("Private_Clean") + mb("Private_Dirty"),
-            "shared": mb("Shared_Clean") + mb("Shared_Dirty")}
+            "shared": mb("Shared_Clean") + mb("Shared_Dirty"),
+            "anon": mb("Anonymous")}
 
 
 def main():
@@ -436,13 +440,18 @@ def main():
             ratio = ("%.2fx" % (rates[key] / rates["pytorch"])) if "pytorch" in rates else "-"
             tuned = ("%.2fx" % (rates[key] / rates["pytorch_tuned"])) if "pytorch_tuned" in rates else "-"
             print("%-44s %-9s %10.3f %10s %10s" % (label, shape, rates[key], ratio, tuned))
-        if b.worker_peak:
-            peak = list(b.worker_peak.values())
-            results["enrich_worker_memory"] = peak
-            print("osv5m_enrich background workers at their peak: private (USS) %s MB, PSS %s MB, "
-                  "RSS %s MB" % ("/".join("%.0f" % x["uss"] for x in peak),
-                                 "/".join("%.0f" % x["pss"] for x in peak),
-                                 "/".join("%.0f" % x["rss"] for x in peak)))
+        if b.worker_samples:
+            # the median over the samples taken while every worker ran: a
+            # worker's USS counts weight pages no other process has mapped
+            # yet as private, so its peak says more about timing than memory
+            w = b.worker_samples
+            med = {k: statistics.median(x[k] for x in w) for k in ("uss", "pss", "rss", "anon")}
+            results["enrich_worker_memory"] = {"median": med, "max_anon": max(x["anon"] for x in w),
+                                               "samples": len(w)}
+            print("osv5m_enrich background workers while all ran (median of %d samples): private "
+                  "(USS) %.0f MB, of it anonymous %.0f MB (max %.0f), PSS %.0f MB, RSS %.0f MB"
+                  % (len(w), med["uss"], med["anon"], max(x["anon"] for x in w), med["pss"],
+                     med["rss"]))
 
         if "memory" in only:
             for n in (2, 4):
@@ -450,8 +459,10 @@ def main():
                 m = b.memory(n)
                 results["memory_%d" % n] = m
                 if m:
-                    print("%d busy backends: private (USS) %s MB, PSS %s MB, RSS %s MB, shared %s MB"
+                    print("%d busy backends: private (USS) %s MB, of it anonymous %s MB, PSS %s MB, "
+                          "RSS %s MB, shared %s MB"
                           % (n, "/".join("%.0f" % x["uss"] for x in m),
+                             "/".join("%.0f" % x["anon"] for x in m),
                              "/".join("%.0f" % x["pss"] for x in m),
                              "/".join("%.0f" % x["rss"] for x in m),
                              "/".join("%.0f" % x["shared"] for x in m)))
