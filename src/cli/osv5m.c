@@ -37,8 +37,9 @@
  * Doubles are printed with %.17g, floats with %.9g (both round-trip); NaN
  * and infinities as null.  File names are JSON-escaped (invalid UTF-8 bytes
  * become U+FFFD).  --batch B (default 1) runs the network on B images at
- * once: faster per image, bit for bit the same results where OpenBLAS's
- * AVX-512 kernels run (see src/core/network.c).  Exit status: 0, 1 when any file failed, 2 on a usage or
+ * once: faster per image, and the same results (bit for bit with
+ * OpenBLAS's AVX-512 kernels on ViT-L/14, see src/core/network.c).  Exit
+ * status: 0, 1 when any file failed, 2 on a usage or
  * model error (with a message on stderr).  --threads defaults to
  * OPENBLAS_NUM_THREADS, else the number of online CPUs.
  */

@@ -14,7 +14,15 @@
  * does not know, such as recent AMD EPYC, which halves the SGEMM rate.  When
  * the user has not chosen (OPENBLAS_CORETYPE unset) and the CPU and OS
  * support AVX-512, we ask for the SkylakeX kernels, the AVX-512 SGEMM that
- * the newer Intel families (Cooperlake, Sapphire Rapids) use as well.
+ * the newer Intel families (Cooperlake, Sapphire Rapids) use as well.  A
+ * second reason: the SkylakeX SGEMM sums every output in the same order
+ * whatever the thread count and the row count, so results do not depend
+ * on osv5m.threads or on the images batched together (network.c); the
+ * Haswell SGEMM's do.  On AMD Zen 4, whose AVX-512 units are half as wide,
+ * the Haswell SGEMM is faster all the same, by 8 % on one image's rows and
+ * 5 % on a run of 4 images' (test/bench/coretype.sh 1 3 257, 1 3 1028):
+ * we keep SkylakeX for results that do not depend on how they were run;
+ * OPENBLAS_CORETYPE=Haswell trades that for the speed.
  *
  * Invariant: the function pointers are set all together or not at all; the
  * core calls osv_blas_load() before its first matrix product (osv_context_new

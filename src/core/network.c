@@ -21,9 +21,13 @@
  * this model and at least as many images as a run is given; nothing here
  * allocates; a run either completes or stops before a block (abort)
  * leaving has_result false.  An image's result does not depend on the
- * other images of its batch except through the row count of the matrix
- * products, which OpenBLAS's AVX-512 kernels do not let change a single
- * bit (test_fidelity checks it on the kernels it runs with).
+ * thread count, nor on the other images of its batch except through the
+ * row count of the matrix products.  OpenBLAS's AVX-512 kernels sum every
+ * output in the same order whatever the row count at ViT-L/14's sizes, so
+ * there a batched result is bit for bit the single one
+ * (test/bench/batch_bench.py); its small-matrix kernels (the tiny test
+ * models) and its AVX2 kernels do not, and there results are float32
+ * rounding apart (test_fidelity).
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE				/* qsort_r */

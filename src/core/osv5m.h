@@ -198,9 +198,10 @@ osv_status	osv_run_image(osv_context *ctx, const uint8_t *data, size_t size,
 /*
  * Decode and preprocess n images (1 <= n <= max_images), then run the
  * network once over all of them: each weight matrix is then read once per
- * run instead of once per image, which is faster per image.  The result
- * of an image does not depend on its batch: it is bit for bit the one
- * osv_run_image gives, with OpenBLAS's AVX-512 kernels (see network.c).
+ * run instead of once per image, which is faster per image.  An image's
+ * result is the one osv_run_image gives: bit for bit with OpenBLAS's
+ * AVX-512 kernels at ViT-L/14's sizes, else to float32 rounding (see
+ * network.c).
  *
  * image_errs[i] tells how image i fared: an image that cannot be decoded
  * (any osv_image_decode or osv_preprocess status) gets its error there and

@@ -138,7 +138,66 @@ fuzz_safetensors(const uint8_t *buf, size_t len)
 	osv_safetensors_close(&st);
 }
 
-/* Run a tiny model that opened once on constant pixels. */
+/* A 3x2 RGB PNG (made with Pillow), for the batch path of fuzz_run. */
+static const uint8_t tiny_png[] = {
+	0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a, 0x00, 0x00, 0x00, 0x0d, 0x49, 0x48,
+	0x44, 0x52, 0x00, 0x00, 0x00, 0x03, 0x00, 0x00, 0x00, 0x02, 0x08, 0x02, 0x00, 0x00,
+	0x00, 0x12, 0x16, 0xf1, 0x4d, 0x00, 0x00, 0x00, 0x18, 0x49, 0x44, 0x41, 0x54, 0x78,
+	0xda, 0x63, 0xf8, 0xcf, 0xc0, 0xc0, 0x00, 0xc1, 0x9c, 0xc9, 0xc7, 0x7f, 0x35, 0x30,
+	0x6b, 0x68, 0x68, 0x00, 0x00, 0x3f, 0x19, 0x06, 0x26, 0x89, 0xfe, 0xfe, 0xc0, 0x00,
+	0x00, 0x00, 0x00, 0x49, 0x45, 0x4e, 0x44, 0xae, 0x42, 0x60, 0x82
+};
+
+/*
+ * The batch path on a model that opened: an image, 5 bytes that are none
+ * and the image again in one run of osv_run_images.
+ */
+static void
+fuzz_run_batch(const osv_model *model)
+{
+	const osv_model_info *info = osv_model_get_info(model);
+	const uint8_t *data[3] = {tiny_png, tiny_png, tiny_png};
+	size_t		sizes[3] = {sizeof(tiny_png), 5, sizeof(tiny_png)};
+	osv_context *ctx = NULL;
+	osv_params	params = osv_default_params();
+	osv_prediction top[3];
+	osv_error	errs[3];
+	osv_error	err;
+	osv_status	status;
+
+	memset(&err, 0, sizeof(err));
+	status = osv_context_new_batch(model, 3, &ctx, &err);
+	if (status != OSV_OK)
+	{
+		check_error(status, &err);
+		return;
+	}
+	status = osv_run_images(ctx, 3, data, sizes, &params, errs, &err);
+	if (status != OSV_OK)
+		check_error(status, &err);
+	else
+	{
+		FUZZ_ASSERT(errs[1].status != OSV_OK && errs[1].message[0] != '\0');
+		FUZZ_ASSERT(osv_context_topk_at(ctx, 1, 3, top) == 0);
+		for (int i = 0; i < 3; i += 2)
+		{
+			int			k;
+
+			if (errs[i].status != OSV_OK)
+			{
+				check_error(errs[i].status, &errs[i]);
+				continue;
+			}
+			k = osv_context_topk_at(ctx, i, 3, top);
+			FUZZ_ASSERT(k >= 1 && k <= 3 && k <= info->num_cells);
+			for (int j = 0; j < k; j++)
+				FUZZ_ASSERT(top[j].cell >= 0 && top[j].cell < info->num_cells);
+		}
+	}
+	osv_context_free(ctx);
+}
+
+/* Run a tiny model that opened once on constant pixels, then as a batch. */
 static void
 fuzz_run(const osv_model *model)
 {
@@ -181,6 +240,7 @@ fuzz_run(const osv_model *model)
 		osv_context_free(ctx);
 	}
 	free(pixels);
+	fuzz_run_batch(model);
 }
 
 int
