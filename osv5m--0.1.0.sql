@@ -563,6 +563,17 @@ BEGIN
 		INTO grp, keys, last_rid
 		USING j.tbl, j.image_column, want, last_rid;
 		EXIT WHEN grp IS NULL;
+		-- A bad row that another process recorded and released after this
+		-- lock query took its snapshot is locked all the same (the row was
+		-- not updated, so the lock re-checks nothing).  Whoever recorded it
+		-- committed before we got the lock: a new statement sees the record.
+		SELECT array_agg(u.rid ORDER BY u.n), array_agg(u.key ORDER BY u.n)
+		  INTO grp, keys
+		  FROM unnest(grp, keys) WITH ORDINALITY AS u(rid, key, n)
+		 WHERE NOT EXISTS (SELECT FROM @extschema@.osv5m_errors e
+						   WHERE e.tbl = j.tbl AND e.image_column = j.image_column
+							 AND e.row_key = u.key);
+		CONTINUE WHEN grp IS NULL;
 
 		-- The group's images through the network together.  Like the
 		-- one-row path below, the subtransaction writes nothing, so it
