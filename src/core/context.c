@@ -271,7 +271,6 @@ osv_run_images(osv_context *ctx, int n, const uint8_t *const data[],
 {
 	osv_params	defaults = osv_default_params();
 	int			images = 0;
-	osv_status	status;
 
 	if (ctx == NULL || data == NULL || sizes == NULL || image_errs == NULL)
 		return osv_fail(err, OSV_ERR_ARGUMENT, "context, images or errors is NULL");
@@ -281,8 +280,7 @@ osv_run_images(osv_context *ctx, int n, const uint8_t *const data[],
 	if (params == NULL)
 		params = &defaults;
 	ctx->has_result = false;
-	ctx->inputs = 0;
-	ctx->images = 0;
+	ctx->inputs = n;
 	memset(&ctx->timings, 0, sizeof(ctx->timings));
 
 	for (int i = 0; i < n; i++)
@@ -297,13 +295,9 @@ osv_run_images(osv_context *ctx, int n, const uint8_t *const data[],
 							   &image_errs[i]) == OSV_OK)
 			ctx->slot[i] = images++;
 	}
-	ctx->inputs = n;
 	if (images == 0)
 		return OSV_OK;			/* nothing to run: each input has its error */
-	status = osv_network_forward(ctx, images, params, err);
-	if (status == OSV_OK)
-		ctx->images = images;
-	return status;
+	return osv_network_forward(ctx, images, params, err);
 }
 
 /* Decode, preprocess and run one image: a batch of one. */
@@ -314,8 +308,6 @@ osv_run_image(osv_context *ctx, const uint8_t *data, size_t size,
 	osv_error	image_err;
 	osv_status	status;
 
-	if (ctx == NULL || (data == NULL && size > 0))
-		return osv_fail(err, OSV_ERR_ARGUMENT, "context or image data is NULL");
 	status = osv_run_images(ctx, 1, &data, &size, params, &image_err, err);
 	if (status == OSV_OK && image_err.status != OSV_OK)
 	{
@@ -332,7 +324,6 @@ osv_run_pixels(osv_context *ctx, const float *pixels, const osv_params *params,
 			   osv_error *err)
 {
 	osv_params	defaults = osv_default_params();
-	osv_status	status;
 	size_t		size;
 
 	if (ctx == NULL || pixels == NULL)
@@ -340,20 +331,13 @@ osv_run_pixels(osv_context *ctx, const float *pixels, const osv_params *params,
 	if (params == NULL)
 		params = &defaults;
 	ctx->has_result = false;
-	ctx->inputs = 0;
-	ctx->images = 0;
+	ctx->inputs = 1;
+	ctx->slot[0] = 0;
 	memset(&ctx->timings, 0, sizeof(ctx->timings));
 	size = (size_t) ctx->model->info.image_size;
 	/* memmove: the caller may pass osv_context_pixels() of this context */
 	memmove(ctx->pixels, pixels, 3 * size * size * sizeof(float));
-	ctx->slot[0] = 0;
-	status = osv_network_forward(ctx, 1, params, err);
-	if (status == OSV_OK)
-	{
-		ctx->inputs = 1;
-		ctx->images = 1;
-	}
-	return status;
+	return osv_network_forward(ctx, 1, params, err);
 }
 
 /* The slot holding input `image` of the last run, or -1 when it has no result. */

@@ -58,7 +58,6 @@ struct osv_context
 	/* results of the last run */
 	bool		has_result;
 	int			inputs;			/* images given to the last run */
-	int			images;			/* of them, those that reached the network */
 	osv_timings timings;
 };
 
