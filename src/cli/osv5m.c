@@ -57,7 +57,11 @@
 #define EXIT_FILE_FAILED 1
 #define EXIT_USAGE 2
 
-/* Refuse image files larger than this before reading them (1 GiB). */
+/*
+ * Refuse image files larger than this before reading them (1 GiB).  Image
+ * files are read with osv_read_file, which refuses FIFOs and devices without
+ * blocking on them, as the model's files are.
+ */
 #define MAX_FILE_BYTES ((size_t) 1 << 30)
 
 typedef struct options
@@ -276,68 +280,6 @@ now(void)
 
 /* ---- files and the model ------------------------------------------------- */
 
-/* Read a whole file into a malloc'ed buffer. */
-static osv_status
-read_file(const char *path, uint8_t **data, size_t *size, osv_error *err)
-{
-	FILE	   *f = fopen(path, "rb");
-	uint8_t    *buf = NULL;
-	size_t		len = 0,
-				cap = 0;
-
-	*data = NULL;
-	*size = 0;
-	if (f == NULL)
-	{
-		err->status = OSV_ERR_IO;
-		snprintf(err->message, sizeof(err->message), "could not open file: %s",
-				 strerror(errno));
-		err->detail[0] = '\0';
-		return OSV_ERR_IO;
-	}
-	for (;;)
-	{
-		size_t		got;
-
-		if (len == cap)
-		{
-			size_t		ncap = cap == 0 ? 1 << 16 : cap * 2;
-			uint8_t    *nbuf;
-
-			if (cap >= MAX_FILE_BYTES || (nbuf = realloc(buf, ncap)) == NULL)
-			{
-				free(buf);
-				fclose(f);
-				err->status = cap >= MAX_FILE_BYTES ? OSV_ERR_LIMIT : OSV_ERR_NOMEM;
-				snprintf(err->message, sizeof(err->message), "%s",
-						 cap >= MAX_FILE_BYTES ? "file is larger than 1 GiB"
-						 : "out of memory reading the file");
-				err->detail[0] = '\0';
-				return err->status;
-			}
-			buf = nbuf;
-			cap = ncap;
-		}
-		got = fread(buf + len, 1, cap - len, f);
-		len += got;
-		if (got == 0)
-			break;
-	}
-	if (ferror(f))
-	{
-		free(buf);
-		fclose(f);
-		err->status = OSV_ERR_IO;
-		snprintf(err->message, sizeof(err->message), "could not read file");
-		err->detail[0] = '\0';
-		return OSV_ERR_IO;
-	}
-	fclose(f);
-	*data = buf;
-	*size = len;
-	return OSV_OK;
-}
-
 /* Set the BLAS threads, open the model and a context; false after a message. */
 static bool
 open_model(const options *opt, osv_model **model, osv_context **ctx)
@@ -374,7 +316,7 @@ run_file(osv_context *ctx, const options *opt, const char *file)
 	osv_status	status;
 
 	params.max_pixels = opt->max_pixels;
-	if (read_file(file, &data, &size, &err) != OSV_OK)
+	if (osv_read_file(file, MAX_FILE_BYTES, &data, &size, &err) != OSV_OK)
 	{
 		json_file_error(file, &err);
 		return false;
@@ -466,7 +408,7 @@ cmd_geolocate(const options *opt, int nfiles, char **files)
 		for (int i = 0; i < n; i++)
 		{
 			which[i] = -1;
-			if (read_file(files[start + i], &data[m], &sizes[m], &read_errs[i]) == OSV_OK)
+			if (osv_read_file(files[start + i], MAX_FILE_BYTES, &data[m], &sizes[m], &read_errs[i]) == OSV_OK)
 				which[i] = m++;
 		}
 		if (m > 0)
@@ -692,7 +634,7 @@ cmd_bench(const options *opt, int nfiles, char **files)
 	{
 		osv_error	err;
 
-		if (read_file(files[i], &data[i], &sizes[i], &err) != OSV_OK)
+		if (osv_read_file(files[i], MAX_FILE_BYTES, &data[i], &sizes[i], &err) != OSV_OK)
 		{
 			fprintf(stderr, "osv5m: %s: %s\n", files[i], err.message);
 			rc = EXIT_FILE_FAILED;

@@ -31,6 +31,21 @@ osv_mul_size(size_t a, size_t b, size_t *out)
 	return !__builtin_mul_overflow(a, b, out);
 }
 
+/* ---- files (file.c) -----------------------------------------------------
+ * Every file the core reads is opened here: anything that is not a regular
+ * file (a FIFO, a device, a directory) is refused before any call that
+ * could block.  label names the file in messages; osv_file_label builds
+ * `what "path"` (or `"path"` when what is NULL).  *missing, if not NULL,
+ * tells a file that does not exist (ENOENT) from other errors.
+ */
+void		osv_file_label(char *buf, size_t size, const char *what, const char *path);
+/* Open path read-only; *fd (close it) and *size on success. */
+osv_status	osv_file_open(const char *path, const char *label, int *fd,
+						  uint64_t *size, bool *missing, osv_error *err);
+/* Read a whole file of at most cap bytes; *out is malloc'ed, NUL-terminated. */
+osv_status	osv_file_read(const char *path, const char *label, size_t cap,
+						  uint8_t **out, size_t *len, bool *missing, osv_error *err);
+
 /* ---- half precision ---------------------------------------------------- */
 
 float		osv_f16_to_f32(uint16_t h);

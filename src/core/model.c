@@ -26,14 +26,10 @@
  */
 #include "internal.h"
 
-#include <errno.h>
-#include <fcntl.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 /* safetensors stores little-endian data, which the core reads in place */
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -301,67 +297,22 @@ count_layers(loader *ld, int *num_layers)
 	return OSV_OK;
 }
 
-/* Read a whole small file; *missing tells ENOENT apart from other errors. */
+/*
+ * Read a whole small file; *missing tells ENOENT apart from other errors.
+ * file.c refuses FIFOs and devices before any blocking call.
+ */
 static osv_status
 read_small_file(const char *path, size_t cap, const char *what, char **out,
 				size_t *len, bool *missing, osv_error *err)
 {
-	struct stat sb;
-	char	   *buf;
-	size_t		got = 0;
-	int			fd;
+	char		label[1200];
+	uint8_t    *buf;
+	osv_status	st;
 
-	*out = NULL;
-	*len = 0;
-	if (missing)
-		*missing = false;
-	fd = open(path, O_RDONLY | O_CLOEXEC);
-	if (fd < 0)
-	{
-		if (missing && errno == ENOENT)
-			*missing = true;
-		return osv_fail(err, OSV_ERR_IO, "could not open %s \"%s\": %s", what, path,
-						strerror(errno));
-	}
-	if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode))
-	{
-		close(fd);
-		return osv_fail(err, OSV_ERR_IO, "%s \"%s\" is not a regular file", what, path);
-	}
-	if ((uint64_t) sb.st_size > cap)
-	{
-		close(fd);
-		return osv_fail(err, OSV_ERR_LIMIT, "%s \"%s\" is larger than %zu bytes", what,
-						path, cap);
-	}
-	buf = malloc((size_t) sb.st_size + 1);
-	if (buf == NULL)
-	{
-		close(fd);
-		return osv_fail(err, OSV_ERR_NOMEM, "out of memory reading %s \"%s\"", what, path);
-	}
-	while (got < (size_t) sb.st_size)
-	{
-		ssize_t		n = read(fd, buf + got, (size_t) sb.st_size - got);
-
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n <= 0)
-		{
-			int			e = errno;
-
-			close(fd);
-			free(buf);
-			return osv_fail(err, OSV_ERR_IO, "could not read %s \"%s\": %s", what, path,
-							n == 0 ? "unexpected end of file" : strerror(e));
-		}
-		got += (size_t) n;
-	}
-	close(fd);
-	buf[got] = '\0';
-	*out = buf;
-	*len = got;
-	return OSV_OK;
+	osv_file_label(label, sizeof(label), what, path);
+	st = osv_file_read(path, label, cap, &buf, len, missing, err);
+	*out = (char *) buf;
+	return st;
 }
 
 /* Name the file in err->detail, after any parser text already there. */

@@ -145,6 +145,18 @@ void		osv_model_close(osv_model *model);
 const osv_model_info *osv_model_get_info(const osv_model *model);
 const osv_cell *osv_model_cells(const osv_model *model, int *num_cells);
 
+/* ---- files ----------------------------------------------------------- */
+
+/*
+ * Read a whole regular file of at most max_bytes into a malloc'ed buffer
+ * (free() it), NUL-terminated after *size bytes.  A FIFO, a device or a
+ * directory is refused with OSV_ERR_IO ("file is not a regular file")
+ * without ever blocking on it; messages call the file "file", the caller
+ * knows its name.  The model loader opens its files the same way.
+ */
+osv_status	osv_read_file(const char *path, size_t max_bytes, uint8_t **data,
+						  size_t *size, osv_error *err);
+
 /* ---- images ---------------------------------------------------------- */
 
 /* An 8-bit RGB image, rows top to bottom, pixels interleaved R G B. */

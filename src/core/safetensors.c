@@ -20,13 +20,11 @@
 #include "internal.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 /* the real header is ~100 kB; anything near this is an attack or garbage */
@@ -342,37 +340,27 @@ osv_safetensors_parse(const uint8_t *buf, size_t size, osv_safetensors *out,
 osv_status
 osv_safetensors_open(const char *path, osv_safetensors *out, osv_error *err)
 {
-	struct stat sb;
+	char		label[1100];
+	uint64_t	size;
 	void	   *map;
 	int			fd;
 	osv_status	st;
 
 	memset(out, 0, sizeof(*out));
-	fd = open(path, O_RDONLY | O_CLOEXEC);
-	if (fd < 0)
-		return osv_fail(err, OSV_ERR_IO, "could not open \"%s\": %s", path,
-						strerror(errno));
-	if (fstat(fd, &sb) != 0)
-	{
-		int			e = errno;
-
-		close(fd);
-		return osv_fail(err, OSV_ERR_IO, "could not stat \"%s\": %s", path, strerror(e));
-	}
-	if (!S_ISREG(sb.st_mode))
-	{
-		close(fd);
-		return osv_fail(err, OSV_ERR_IO, "\"%s\" is not a regular file", path);
-	}
-	if (sb.st_size < 8)
+	/* a regular file or nothing: see file.c */
+	osv_file_label(label, sizeof(label), NULL, path);
+	st = osv_file_open(path, label, &fd, &size, NULL, err);
+	if (st != OSV_OK)
+		return st;
+	if (size < 8)
 	{
 		/* mmap of an empty file fails; give the same message as parse */
 		close(fd);
 		return osv_fail(err, OSV_ERR_MODEL,
 						"safetensors file too short: %lld bytes, the header length alone takes 8",
-						(long long) sb.st_size);
+						(long long) size);
 	}
-	if ((uint64_t) sb.st_size > SIZE_MAX)
+	if (size > SIZE_MAX)
 	{
 		close(fd);
 		return osv_fail(err, OSV_ERR_LIMIT, "\"%s\" is too large to map", path);
@@ -385,7 +373,7 @@ osv_safetensors_open(const char *path, osv_safetensors *out, osv_error *err)
 	 * truncated while mapped, reads past the new end raise SIGBUS; that is
 	 * the documented hazard of mmap and the price of sharing.
 	 */
-	map = mmap(NULL, (size_t) sb.st_size, PROT_READ, MAP_SHARED, fd, 0);
+	map = mmap(NULL, (size_t) size, PROT_READ, MAP_SHARED, fd, 0);
 	if (map == MAP_FAILED)
 	{
 		int			e = errno;
@@ -395,16 +383,16 @@ osv_safetensors_open(const char *path, osv_safetensors *out, osv_error *err)
 	}
 	close(fd);
 	/* the forward pass reads all of it: start the read-ahead now */
-	(void) madvise(map, (size_t) sb.st_size, MADV_WILLNEED);
+	(void) madvise(map, (size_t) size, MADV_WILLNEED);
 
-	st = osv_safetensors_parse(map, (size_t) sb.st_size, out, err);
+	st = osv_safetensors_parse(map, (size_t) size, out, err);
 	if (st != OSV_OK)
 	{
-		munmap(map, (size_t) sb.st_size);
+		munmap(map, (size_t) size);
 		return st;
 	}
 	out->map = map;
-	out->map_size = (size_t) sb.st_size;
+	out->map_size = (size_t) size;
 	return OSV_OK;
 }
 

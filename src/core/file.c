@@ -1,0 +1,173 @@
+/*
+ * file.c: open and read the files the core and the tool take from the file
+ * system (config.json, model.safetensors, the quadtree CSV, the tool's
+ * images), refusing anything that is not a regular file before any call
+ * that could block.
+ *
+ * Why: open(2) of a FIFO for reading sleeps until a writer comes, and a
+ * read of a FIFO, a terminal or some devices sleeps until data comes.
+ * Inside a PostgreSQL backend that sleep is in the kernel, and the server's
+ * signal handlers restart the call (SA_RESTART), so neither
+ * statement_timeout nor pg_cancel_backend nor pg_terminate_backend ends it:
+ * a FIFO planted in a model directory would hang the backend for good.
+ *
+ * How: stat(2) first, so that a FIFO or a device is normally never opened
+ * at all (opening some devices has effects of its own); then open with
+ * O_NONBLOCK (a FIFO opens at once even if it replaced the file since the
+ * stat), O_NOCTTY (a terminal never becomes the controlling one) and
+ * O_CLOEXEC, and check the open descriptor again with fstat(2): that check
+ * has no window in which the name can change.  Only a regular file gets
+ * past it; O_NONBLOCK is then cleared, so that reads and mmap see the file
+ * as any blocking descriptor would.
+ *
+ * Every message names the file by the caller's label, e.g.
+ * `config file "/m/config.json"`, `"/m/model.safetensors"` or just `file`.
+ */
+#include "internal.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+/* buf = `what "path"`, or `"path"` when what is NULL. */
+void
+osv_file_label(char *buf, size_t size, const char *what, const char *path)
+{
+	if (what == NULL)
+		snprintf(buf, size, "\"%s\"", path);
+	else
+		snprintf(buf, size, "%s \"%s\"", what, path);
+}
+
+/* Open a regular file for reading without ever blocking on anything else. */
+osv_status
+osv_file_open(const char *path, const char *label, int *fd_out, uint64_t *size,
+			  bool *missing, osv_error *err)
+{
+	struct stat sb;
+	int			fd;
+	int			flags;
+	int			e;
+
+	*fd_out = -1;
+	*size = 0;
+	if (missing)
+		*missing = false;
+
+	/* a FIFO or a device is refused here without being opened */
+	if (stat(path, &sb) != 0)
+	{
+		e = errno;
+		if (missing && e == ENOENT)
+			*missing = true;
+		return osv_fail(err, OSV_ERR_IO, "could not open %s: %s", label, strerror(e));
+	}
+	if (!S_ISREG(sb.st_mode))
+		return osv_fail(err, OSV_ERR_IO, "%s is not a regular file", label);
+
+	/* the name may have been replaced since: O_NONBLOCK, then check again */
+	do
+		fd = open(path, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
+	while (fd < 0 && errno == EINTR);
+	if (fd < 0)
+	{
+		e = errno;
+		if (missing && e == ENOENT)
+			*missing = true;
+		return osv_fail(err, OSV_ERR_IO, "could not open %s: %s", label, strerror(e));
+	}
+	if (fstat(fd, &sb) != 0)
+	{
+		e = errno;
+		close(fd);
+		return osv_fail(err, OSV_ERR_IO, "could not stat %s: %s", label, strerror(e));
+	}
+	if (!S_ISREG(sb.st_mode))
+	{
+		close(fd);
+		return osv_fail(err, OSV_ERR_IO, "%s is not a regular file", label);
+	}
+
+	/* regular files ignore O_NONBLOCK today; clear it all the same */
+	flags = fcntl(fd, F_GETFL);
+	if (flags < 0 || fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) != 0)
+	{
+		e = errno;
+		close(fd);
+		return osv_fail(err, OSV_ERR_IO, "could not set the flags of %s: %s", label,
+						strerror(e));
+	}
+	*fd_out = fd;
+	*size = (uint64_t) sb.st_size;
+	return OSV_OK;
+}
+
+/* Read a whole regular file of at most cap bytes, NUL-terminated. */
+osv_status
+osv_file_read(const char *path, const char *label, size_t cap, uint8_t **out,
+			  size_t *len, bool *missing, osv_error *err)
+{
+	uint8_t    *buf;
+	uint64_t	size;
+	size_t		got = 0;
+	int			fd;
+	osv_status	st;
+
+	*out = NULL;
+	*len = 0;
+	st = osv_file_open(path, label, &fd, &size, missing, err);
+	if (st != OSV_OK)
+		return st;
+	/* checked before allocating: the size is the file's to choose */
+	if (size > cap)
+	{
+		close(fd);
+		return osv_fail(err, OSV_ERR_LIMIT, "%s is larger than %zu bytes", label, cap);
+	}
+	buf = malloc((size_t) size + 1);
+	if (buf == NULL)
+	{
+		close(fd);
+		return osv_fail(err, OSV_ERR_NOMEM, "out of memory reading %s", label);
+	}
+	while (got < (size_t) size)
+	{
+		ssize_t		n = read(fd, buf + got, (size_t) size - got);
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+		{
+			int			e = errno;
+
+			close(fd);
+			free(buf);
+			return osv_fail(err, OSV_ERR_IO, "could not read %s: %s", label,
+							n == 0 ? "unexpected end of file" : strerror(e));
+		}
+		got += (size_t) n;
+	}
+	close(fd);
+	buf[got] = '\0';
+	*out = buf;
+	*len = got;
+	return OSV_OK;
+}
+
+/* The public form for the tool: messages name the file just "file". */
+osv_status
+osv_read_file(const char *path, size_t max_bytes, uint8_t **data, size_t *size,
+			  osv_error *err)
+{
+	if (data == NULL || size == NULL)
+		return osv_fail(err, OSV_ERR_ARGUMENT, "no output buffer");
+	*data = NULL;
+	*size = 0;
+	if (path == NULL)
+		return osv_fail(err, OSV_ERR_ARGUMENT, "no file name");
+	return osv_file_read(path, "file", max_bytes, data, size, NULL, err);
+}
