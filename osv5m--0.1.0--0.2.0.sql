@@ -392,6 +392,7 @@ DECLARE
 	e_hint		text;
 	e_md5		text;
 	written		bigint;
+	tgt_type	text;
 BEGIN
 	done := 0;
 	failed := 0;
@@ -411,6 +412,11 @@ BEGIN
 		CONTINUE WHEN worker > 0 AND
 			(SELECT c.relkind FROM pg_catalog.pg_class c WHERE c.oid = leaf) = 'f';
 		k := @extschema@.osv5m_row_key(leaf);
+		-- geography or geometry, schema-qualified (this search_path sees
+		-- neither), for the cast of the value written
+		SELECT a.atttypid::regtype::text INTO tgt_type
+		  FROM pg_catalog.pg_attribute a
+		 WHERE a.attrelid = leaf AND a.attname = j.target_column AND NOT a.attisdropped;
 		share := '';
 		IF worker > 0 AND nparts > 1 THEN
 			-- hashtext is int4: shift it to 0..2^32-1 before the modulo
@@ -502,9 +508,9 @@ BEGIN
 					-- the image, and stops the run
 					PERFORM pg_catalog.set_config('search_path', caller_search_path, true);
 					EXECUTE pg_catalog.format(
-						'UPDATE ONLY %s SET %I = @extschema@.osv5m_point_geography($1)'
+						'UPDATE ONLY %s SET %I = CAST(@extschema@.osv5m_point_geography($1) AS %s)'
 						' WHERE ctid OPERATOR(pg_catalog.=) $2 AND %I IS NULL',
-						leaf, j.target_column, j.target_column)
+						leaf, j.target_column, tgt_type, j.target_column)
 					USING locs[i], grp_rids[i];
 					PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
 					GET DIAGNOSTICS written = ROW_COUNT;
@@ -549,8 +555,8 @@ BEGIN
 				END;
 				PERFORM pg_catalog.set_config('search_path', caller_search_path, true);
 				EXECUTE pg_catalog.format(
-					'UPDATE ONLY %s SET %I = $1 WHERE ctid OPERATOR(pg_catalog.=) $2 AND %I IS NULL',
-					leaf, j.target_column, j.target_column)
+					'UPDATE ONLY %s SET %I = CAST($1 AS %s) WHERE ctid OPERATOR(pg_catalog.=) $2 AND %I IS NULL',
+					leaf, j.target_column, tgt_type, j.target_column)
 				USING val.v, grp[i];
 				PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
 				GET DIAGNOSTICS written = ROW_COUNT;
