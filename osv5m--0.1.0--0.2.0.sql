@@ -709,9 +709,11 @@ BEGIN
 	IF workers > 1 AND total > 0 THEN
 		started := @extschema@.osv5m_enrich_launch(job, workers);
 		UPDATE @extschema@.osv5m_jobs SET workers = started WHERE job_id = job;
-		IF started < workers THEN
+		-- (osv5m_enrich_launch says so itself when osv5m.max_workers
+		-- reduced the request)
+		IF started < least(workers, pg_catalog.current_setting('osv5m.max_workers')::integer) THEN
 			RAISE NOTICE 'osv5m_enrich job %: only % of % background workers could be started', job, started, workers
-				USING HINT = 'Raise max_worker_processes or osv5m.max_workers; the calling backend does the rest of the work.';
+				USING HINT = 'Raise max_worker_processes; the calling backend does the rest of the work.';
 		END IF;
 		COMMIT;
 		PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
