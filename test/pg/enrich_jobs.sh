@@ -7,6 +7,18 @@
 # (an AFTER UPDATE trigger logs each write; a rolled-back batch takes its
 # log rows with it) and every bad row must be recorded exactly once.
 #
+# Nothing depends on timing.  A gate holds each run in the middle: a
+# BEFORE UPDATE trigger lets the first G writes of a run through and makes
+# every later write wait for an advisory lock that a session of this
+# script holds (the gate is closed), so that when a run is interrupted it
+# has committed some batches (the script waits until osv5m_progress shows
+# them) and cannot have finished.  A process has at most batch_size - 1
+# uncommitted writes when it blocks, so G = 12 guarantees 12 - 2 x 2 = 8
+# committed rows with 2 workers and batches of 3, and 12 - 3 = 9 with one
+# process and batches of 4.  Every wait polls what it waits for (job rows,
+# pg_stat_activity, pg_locks) with a deadline of $ENRICH_DEADLINE seconds
+# (default 120), and a wait that times out is a failed check.
+#
 #   test/pg/enrich_jobs.sh            (after make install; about 30 s)
 #
 # Uses its own throwaway cluster (build/enrich-jobs, port 54397, or
@@ -20,6 +32,8 @@ source test/pg/cluster.sh
 
 dir=${ENRICH_TEST_DIR:-$root/build/enrich-jobs}
 port=${ENRICH_TEST_PORT:-54397}
+deadline=${ENRICH_DEADLINE:-120}
+gate_after=12
 passed=0
 failed=0
 
@@ -37,23 +51,60 @@ check() {
 
 q() { psql -X -q -At -v ON_ERROR_STOP=1 -d enrich "$@"; }
 
-# Wait until the server accepts queries again (after a crash).
-wait_ready() {
-	for _ in $(seq 1 120); do
-		q -c 'SELECT 1' >/dev/null 2>&1 && return 0
-		sleep 0.5
+# Wait until query SQL prints WANT, polling, for at most $deadline s; a
+# wait that times out is a failed check named NAME.
+wait_for() {
+	local name=$1 sql=$2 want=$3 got="" end=$((SECONDS + deadline))
+	while :; do
+		got=$(q -c "$sql" 2>/dev/null)
+		[ "$got" = "$want" ] && return 0
+		[ $SECONDS -ge $end ] && break
+		sleep 0.1
 	done
+	failed=$((failed + 1))
+	echo "not ok $((passed + failed)) - $name: still '$got' after $deadline s, want '$want'"
 	return 1
 }
 
-# Wait until the running job has at least $1 rows done; prints nothing.
+# Wait until the server accepts queries again (after a crash).
+wait_ready() {
+	wait_for "$1: the server accepts queries again" "SELECT 1" 1
+}
+
+# Wait until the running job has committed at least $2 rows.
 wait_rows() {
-	for _ in $(seq 1 200); do
-		n=$(q -c "SELECT coalesce(max(rows_done), 0) FROM osv5m_progress WHERE status = 'running'" 2>/dev/null)
-		[ "${n:-0}" -ge "$1" ] && return 0
-		sleep 0.1
-	done
-	return 1
+	wait_for "$1: the run committed $2 rows" \
+		"SELECT coalesce(max(rows_done), 0) >= $2 FROM osv5m_progress WHERE status = 'running'" t
+}
+
+# Wait until no enrichment worker is left.
+wait_no_workers() {
+	wait_for "$1: the workers are gone" \
+		"SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'osv5m enrich worker'" 0
+}
+
+# Close the gate: from now on the first $gate_after writes pass, the next
+# ones wait until gate_open.  The lock is held by a session of its own,
+# which ends when the file gate-open appears.
+gate_pid=
+gate_close() {
+	q -c "UPDATE gate SET after = $gate_after" -c "SELECT setval('written', 1, false)" >/dev/null
+	rm -f "$dir/gate-open"
+	(
+		echo "SELECT pg_advisory_lock(42);"
+		while [ ! -e "$dir/gate-open" ]; do sleep 0.1; done
+	) | PGAPPNAME=gate psql -X -q -d enrich >/dev/null 2>&1 &
+	gate_pid=$!
+	wait_for "the gate is closed" "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'
+		AND objid = 42 AND mode = 'ExclusiveLock' AND granted" 1
+}
+
+# Open the gate (its session may already be gone, after a crash).
+gate_open() {
+	touch "$dir/gate-open"
+	[ -n "$gate_pid" ] && wait "$gate_pid" 2>/dev/null
+	gate_pid=
+	q -c "UPDATE gate SET after = 1000000000" >/dev/null
 }
 
 # The state of the table: located rows, writes, distinct rows written, errors.
@@ -66,14 +117,14 @@ state() {
 
 # Put the table back to "nothing done".
 reset_table() {
-	q -c "ALTER TABLE photos DISABLE TRIGGER slow; UPDATE photos SET loc = NULL;
-		  ALTER TABLE photos ENABLE TRIGGER slow;
+	q -c "ALTER TABLE photos DISABLE TRIGGER gate; UPDATE photos SET loc = NULL;
+		  ALTER TABLE photos ENABLE TRIGGER gate;
 		  TRUNCATE log; DELETE FROM osv5m_errors; DELETE FROM osv5m_jobs"
 }
 
 cluster_init "$dir" "$port" "max_worker_processes = 8" >/dev/null || exit 1
 cluster_start "$dir" || exit 1
-trap 'cluster_stop "$dir"' EXIT
+trap 'touch "$dir/gate-open"; [ -n "$gate_pid" ] && wait "$gate_pid"; cluster_stop "$dir"' EXIT
 
 q -d postgres -c "CREATE DATABASE enrich"
 q -c "ALTER DATABASE enrich SET osv5m.model_path = '$root/test/models/tiny-gelu'"
@@ -96,10 +147,19 @@ BEGIN
 	RETURN NEW;
 END \$\$;
 CREATE TRIGGER log_write AFTER UPDATE ON photos FOR EACH ROW EXECUTE FUNCTION log_write();
--- 0.1 s per row written: runs last long enough to be interrupted
-CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS \$\$
-BEGIN PERFORM pg_sleep(0.1); RETURN NEW; END \$\$;
-CREATE TRIGGER slow BEFORE UPDATE ON photos FOR EACH ROW EXECUTE FUNCTION slow();
+-- the gate (gate_close, gate_open): writes after the first gate.after
+-- wait for advisory lock 42 while another session holds it
+CREATE SEQUENCE written;
+CREATE TABLE gate (after bigint);
+INSERT INTO gate VALUES (1000000000);
+CREATE FUNCTION gate() RETURNS trigger LANGUAGE plpgsql AS \$\$
+BEGIN
+	IF nextval('written') > (SELECT after FROM gate) THEN
+		PERFORM pg_advisory_xact_lock_shared(42);
+	END IF;
+	RETURN NEW;
+END \$\$;
+CREATE TRIGGER gate BEFORE UPDATE ON photos FOR EACH ROW EXECUTE FUNCTION gate();
 EOF
 good=$(q -c "SELECT count(*) FROM photos WHERE id <= 40")
 check "fixture has 40 good rows" "$good" 40
@@ -107,9 +167,10 @@ done_state="40 40 40 2 2"
 
 # ---- 1. cancel of the caller while 2 workers run ----
 reset_table
+gate_close
 q -c "CALL osv5m_enrich('photos', 'img', 'loc', batch_size => 3, workers => 2)" >"$dir/call1.out" 2>&1 &
 call=$!
-wait_rows 6
+wait_rows cancel 6
 leader=$(q -c "SELECT leader_pid FROM osv5m_jobs WHERE status = 'running'")
 workers_before=$(q -c "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'osv5m enrich worker'")
 check "cancel: 2 workers were running" "$workers_before" 2
@@ -117,30 +178,36 @@ q -c "SELECT pg_cancel_backend($leader)" >/dev/null
 wait $call
 check "cancel: the CALL failed with the cancel" \
 	"$(grep -c 'canceling statement due to user request' "$dir/call1.out")" 1
-sleep 1
-check "cancel: the workers are gone" \
+wait_no_workers cancel && check "cancel: the workers are gone" \
 	"$(q -c "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'osv5m enrich worker'")" 0
+wait_for "cancel: the caller's backend is gone" \
+	"SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'CALL osv5m_enrich%'" 0
 check "cancel: the run shows as interrupted" \
 	"$(q -c "SELECT status FROM osv5m_progress")" interrupted
-partial=$(q -c "SELECT count(loc) > 0 AND count(loc) < 40 FROM photos")
+partial=$(q -c "SELECT count(loc) >= 6 AND count(loc) <= $gate_after FROM photos")
 check "cancel: some rows but not all were done" "$partial" t
+gate_open
 q -c "CALL osv5m_enrich('photos', 'img', 'loc', batch_size => 3, workers => 2)" >/dev/null 2>&1
 check "cancel: the rerun finished, each row written once, bad rows recorded once" "$(state)" "$done_state"
 
 # ---- 2. kill -9 of the calling backend (workers => 1) ----
 reset_table
+gate_close
 q -c "CALL osv5m_enrich('photos', 'img', 'loc', batch_size => 4)" >"$dir/call2.out" 2>&1 &
 call=$!
-wait_rows 8
+wait_rows "kill -9 caller" 8
 leader=$(q -c "SELECT leader_pid FROM osv5m_jobs WHERE status = 'running'")
 kill -9 "$leader"
 wait $call
-wait_ready
+wait_ready "kill -9 caller"
+gate_open
 check "kill -9 caller: the server recovered" "$(q -c 'SELECT 1')" 1
 check "kill -9 caller: the run shows as interrupted" \
 	"$(q -c "SELECT status FROM osv5m_progress")" interrupted
 check "kill -9 caller: whole batches only (rows done is a multiple of 4)" \
 	"$(q -c "SELECT (count(loc) + (SELECT count(*) FROM osv5m_errors)) % 4 FROM photos")" 0
+check "kill -9 caller: some rows but not all were done" \
+	"$(q -c "SELECT count(loc) >= 8 AND count(loc) <= $gate_after FROM photos")" t
 q -c "CALL osv5m_enrich('photos', 'img', 'loc', batch_size => 4)" >/dev/null 2>&1
 check "kill -9 caller: the rerun finished, each row written once, bad rows recorded once" \
 	"$(state)" "$done_state"
@@ -149,13 +216,16 @@ check "kill -9 caller: the rerun marked the old run interrupted" \
 
 # ---- 3. kill -9 of a background worker ----
 reset_table
+gate_close
 q -c "CALL osv5m_enrich('photos', 'img', 'loc', batch_size => 3, workers => 2)" >"$dir/call3.out" 2>&1 &
 call=$!
-wait_rows 6
+wait_rows "kill -9 worker" 6
 worker=$(q -c "SELECT pid FROM pg_stat_activity WHERE backend_type = 'osv5m enrich worker' LIMIT 1")
 kill -9 "$worker"
 wait $call
-wait_ready
+wait_ready "kill -9 worker"
+gate_open
+wait_no_workers "kill -9 worker"
 check "kill -9 worker: the server recovered" "$(q -c 'SELECT 1')" 1
 check "kill -9 worker: no worker left" \
 	"$(q -c "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'osv5m enrich worker'")" 0
@@ -165,11 +235,14 @@ check "kill -9 worker: the rerun finished, each row written once, bad rows recor
 
 # ---- 4. a worker terminated alone: the caller finishes its rows ----
 reset_table
+gate_close
 q -c "CALL osv5m_enrich('photos', 'img', 'loc', batch_size => 3, workers => 2)" >"$dir/call4.out" 2>&1 &
 call=$!
-wait_rows 6
+wait_rows "terminated worker" 6
 worker=$(q -c "SELECT pid FROM pg_stat_activity WHERE backend_type = 'osv5m enrich worker' LIMIT 1")
 q -c "SELECT pg_terminate_backend($worker)" >/dev/null
+wait_for "terminated worker: it is gone" "SELECT count(*) FROM pg_stat_activity WHERE pid = ${worker:-0}" 0
+gate_open
 wait $call
 check "terminated worker: the CALL succeeded" "$(grep -c ERROR "$dir/call4.out")" 0
 check "terminated worker: the caller did the rest, each row written once" "$(state)" "$done_state"

@@ -12,21 +12,30 @@
 # no backend crashed (same pids, server log clean), every failed call is a
 # clean config_file_error (F0000: a load that raced with a rename and read
 # files of two models) and every session answers correctly at the end.
-# Makes its own cluster in build/hostile-swap (port SWAP_PORT, default
-# 55439); needs the extension installed.
+# The swapper decides when the run ends: the sessions call until it has
+# made its last swap and created the file stop, so the swaps span the whole
+# run however slowly the sessions start on a busy machine; the verdict
+# counts no answer and no swap, and waits for the sessions to end with a
+# deadline (SWAP_DEADLINE, default 120 s).
+# Makes its own cluster in build/hostile-swap (SWAP_DIR; port SWAP_PORT,
+# default 55439); needs the extension installed.
 set -u
 secs=${1:-20}
 sessions=${2:-4}
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
-dir=$root/build/hostile-swap
+dir=${SWAP_DIR:-$root/build/hostile-swap}
+deadline=${SWAP_DEADLINE:-120}
 port=${SWAP_PORT:-55439}
 models=$dir/models
 img=$root/test/data/images/jpeg_224x224.jpg
 
 . test/pg/cluster.sh
-trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; cluster_stop "$dir"' EXIT
+trap 'touch "$dir/stop" 2>/dev/null; kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; cluster_stop "$dir"' EXIT
 cluster_init "$dir" "$port" "osv5m.threads = 1" || exit 1
+dir=$(cd "$dir" && pwd)
+models=$dir/models
+rm -f "$dir/stop"
 mkdir -p "$models"
 chmod 755 "$models"
 cp -r test/models/tiny-gelu "$models/a" && cp -r test/models/tiny-quickgelu "$models/b" || exit 1
@@ -49,13 +58,14 @@ quick=$(answer "$root/test/models/tiny-quickgelu")
 	{ echo "hostile_swap: the two models must give two answers: '$gelu' '$quick'"; exit 1; }
 
 out=$dir/out; mkdir -p "$out"
+session_pids=()
 for i in $(seq 1 "$sessions"); do
 	(
-		end=$((SECONDS + secs))
 		echo "SELECT pg_backend_pid();"
-		while [ $SECONDS -lt $end ]; do echo "SELECT geolocate(img) FROM img;"; sleep 0.01; done
+		while [ ! -e "$dir/stop" ]; do echo "SELECT geolocate(img) FROM img;"; sleep 0.01; done
 		echo "SELECT pg_backend_pid();"
 	) | psql -XAt >"$out/s$i.out" 2>"$out/s$i.err" &
+	session_pids+=($!)
 done
 swaps=0
 end=$((SECONDS + secs))
@@ -65,9 +75,18 @@ while [ $SECONDS -lt $end ]; do
 	swaps=$((swaps + 1))
 	sleep 0.1
 done
-wait $(jobs -p)
-
+touch "$dir/stop"
 fail=0
+end=$((SECONDS + deadline))
+for p in "${session_pids[@]}"; do
+	while kill -0 "$p" 2>/dev/null && [ $SECONDS -lt $end ]; do sleep 0.1; done
+done
+for p in "${session_pids[@]}"; do
+	kill -0 "$p" 2>/dev/null && { echo "hostile_swap: FAIL: a session still runs $deadline s after the stop"; fail=1; break; }
+done
+kill "${session_pids[@]}" 2>/dev/null
+wait "${session_pids[@]}" 2>/dev/null
+
 n_gelu=$(cat "$out"/s*.out | grep -cxF -e "$gelu")
 n_quick=$(cat "$out"/s*.out | grep -cxF -e "$quick")
 bad_answers=$(cat "$out"/s*.out | grep -vxF -e "$gelu" -e "$quick" | grep -vcE '^[0-9]+$')
@@ -79,8 +98,10 @@ echo "hostile_swap: $swaps swaps; answers: $n_gelu of tiny-gelu, $n_quick of tin
 [ "$bad_answers" -eq 0 ] || { echo "hostile_swap: FAIL: $bad_answers answers of neither model"; fail=1; }
 [ -z "$other" ] || { echo "hostile_swap: FAIL: other errors:"; echo "$other" | sort | uniq -c | head; fail=1; }
 for i in $(seq 1 "$sessions"); do
-	pids=$(grep -E '^[0-9]+$' "$out/s$i.out" | sort -u | wc -l)
-	[ "$pids" -eq 1 ] || { echo "hostile_swap: FAIL: session $i changed backend"; fail=1; }
+	pids=$(grep -E '^[0-9]+$' "$out/s$i.out" | paste -sd' ')
+	set -- $pids
+	[ $# -eq 2 ] && [ "$1" = "$2" ] ||
+		{ echo "hostile_swap: FAIL: session $i did not keep one backend to the end (pids: $pids)"; fail=1; }
 done
 final=$(psql -XqAtc "SELECT geolocate(img) FROM img")
 [ "$final" = "$gelu" ] || [ "$final" = "$quick" ] || { echo "hostile_swap: FAIL: final answer: $final"; fail=1; }

@@ -15,6 +15,8 @@
 #   memory_growth        a backend's private memory does not grow over
 #                        10,000 geolocate calls and 1,000 failing ones
 #   cancel_latency       pg_cancel_backend stops an inference within 1 s
+#                        (median of 3, measured on the server's clock
+#                        from the signal, sent once the network runs)
 #   terminate_latency    pg_terminate_backend likewise ends the backend
 #   reload_on_replace    replacing or touching the model files reloads
 #   server_log_clean     no crash, PANIC or assertion in the server log
@@ -150,46 +152,128 @@ EOF
 ) || full_ms=""
 full_ms=$(echo "$full_ms" | tail -n 1)
 
-# Start an inference in the background, wait until it has run 400 ms, signal
-# it with FUNCTION, and measure how long the client waits after the signal.
-interrupt_latency() {
-	local how=$1 app=osv5m_$1_$$ pid="" t0 t1 i
-	PGAPPNAME=$app q -c "SET osv5m.model_path = '$SLOW'" \
-		-c "SELECT osv5m_model_info() IS NOT NULL" \
-		-c "SELECT geolocate(pg_read_binary_file('$MID'))" >"$DIR/$how.out" 2>&1 &
-	local client=$!
-	for i in $(seq 1 100); do
-		pid=$(q -c "SELECT pid FROM pg_stat_activity WHERE application_name = '$app'
-					AND state = 'active' AND query LIKE '%geolocate(pg_read%'")
+# CPU time (clock ticks) process PID has used: utime + stime.
+cpu_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat" 2>/dev/null; }
+TICKS=$(getconf CLK_TCK 2>/dev/null || echo 100)
+
+# One measurement: start an inference in the background, wait until it is
+# really inside the forward pass, signal it with pg_cancel_backend or
+# pg_terminate_backend, and print the milliseconds from the signal to the
+# end of the call, both read on the server's clock (so that starting psql
+# on a busy machine does not count):
+#   - "inside": the calling function renames its session (application_name,
+#     visible at once in pg_stat_activity) just before geolocate(), and the
+#     backend has then used another 0.1 s of CPU (/proc/PID/stat): the image
+#     is decoded and the network is running;
+#   - cancel: the function catches query_canceled and returns the time it
+#     did; the signal's time is clock_timestamp() just before
+#     pg_cancel_backend;
+#   - terminate: pg_terminate_backend(pid, timeout) returns once the backend
+#     has exited, with clock_timestamp() read before and after (it checks
+#     every 100 ms, so this can overstate by up to 100 ms).
+# Prints the milliseconds, or "error: why".  Every wait has a 60 s deadline.
+interrupt_once() {
+	local how=$1 try=$2 app=osv_$1_$$_$2 out=$DIR/$1.$2.out
+	local pid="" c0 c r t0 t1 end client
+	PGAPPNAME=$app q >"$out" 2>&1 <<EOF &
+SET osv5m.model_path = '$SLOW';
+SELECT osv5m_model_info() IS NOT NULL;
+CREATE FUNCTION pg_temp.interrupted(img bytea) RETURNS text LANGUAGE plpgsql AS \$\$
+BEGIN
+	PERFORM set_config('application_name', '${app}_inside', false);
+	PERFORM geolocate(img);
+	RETURN 'finished';
+EXCEPTION WHEN query_canceled THEN
+	RETURN 'canceled at ' || extract(epoch FROM clock_timestamp());
+END \$\$;
+SELECT pg_temp.interrupted(pg_read_binary_file('$MID'));
+EOF
+	client=$!
+	end=$((SECONDS + 60))
+	while [ $SECONDS -lt $end ] && kill -0 $client 2>/dev/null; do
+		pid=$(q -c "SELECT pid FROM pg_stat_activity WHERE application_name = '${app}_inside' AND state = 'active'")
 		[ -n "$pid" ] && break
-		sleep 0.05
+		sleep 0.02
 	done
 	if [ -z "$pid" ]; then
-		wait $client
-		echo "never-started"
+		kill $client 2>/dev/null; wait $client
+		echo "error: the inference did not start within 60 s: $(tail -n 3 "$out")"
 		return
 	fi
-	sleep 0.4
-	t0=$(now_ms)
-	q -c "SELECT $how($pid)" >/dev/null
-	wait $client
-	t1=$(now_ms)
-	echo $((t1 - t0))
+	c0=$(cpu_ticks "$pid")
+	c=$c0
+	while [ $SECONDS -lt $end ] && kill -0 $client 2>/dev/null; do
+		c=$(cpu_ticks "$pid")
+		[ "${c:-0}" -ge $((c0 + TICKS / 10)) ] && break
+		sleep 0.02
+	done
+	if [ "${c:-0}" -lt $((c0 + TICKS / 10)) ]; then
+		wait $client
+		echo "error: the inference ran only $((c - c0)) ticks of CPU before it ended or 60 s passed: $(tail -n 3 "$out")"
+		return
+	fi
+	if [ "$how" = pg_cancel_backend ]; then
+		t0=$(q -F ' ' -c "SELECT extract(epoch FROM clock_timestamp()), pg_cancel_backend($pid)")
+		wait $client
+		t1=$(sed -n 's/^canceled at //p' "$out")
+		if [ -z "$t1" ] || [ "${t0#* }" != t ]; then
+			echo "error: not canceled (pg_cancel_backend: '$t0'): $(tail -n 3 "$out")"
+			return
+		fi
+		t0=${t0%% *}
+	else
+		r=$(q -F ' ' -c "SELECT extract(epoch FROM clock_timestamp()), pg_terminate_backend($pid, 60000),
+			extract(epoch FROM clock_timestamp())")
+		wait $client
+		set -- $r
+		if [ $# -ne 3 ] || [ "$2" != t ] ||
+			! grep -q "terminating connection due to administrator command" "$out"; then
+			echo "error: not terminated (pg_terminate_backend: '$r'): $(tail -n 3 "$out")"
+			return
+		fi
+		t0=$1 t1=$3
+	fi
+	awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%d\n", (b - a) * 1000 + 0.5 }'
 }
 
-ms=$(interrupt_latency pg_cancel_backend)
-if [ "$ms" != never-started ] && [ "$ms" -lt 1000 ] &&
-	grep -q "canceling statement due to user request" "$DIR/pg_cancel_backend.out"; then
-	ok "cancel_latency (${ms} ms after pg_cancel_backend; a whole inference takes ${full_ms:-?} ms)"
+# Three measurements; passes when each interrupted the inference and their
+# median is under the bound.  Why three and the median: a measurement is
+# the extension's reaction plus the scheduler's, and on a machine where
+# other processes compete for the cores the signalled backend may wait for
+# a CPU before it runs again; that is not what the test is about.  The
+# median needs two of the three within the bound, so one try that was
+# unlucky with the scheduler does not decide, while an abort that comes too
+# late (which every try would show) still fails.  Prints "MEDIAN ms (tries:
+# A, B, C ms)" or "error: ...".
+interrupt_latency() {
+	local how=$1 i r all="" err=""
+	for i in 1 2 3; do
+		r=$(interrupt_once "$how" "$i")
+		case $r in
+			error:*) err="$err try $i: ${r#error: };" ;;
+			*) all="$all $r" ;;
+		esac
+	done
+	if [ -n "$err" ]; then
+		echo "error:$err"
+		return
+	fi
+	echo "$(printf '%s\n' $all | sort -n | sed -n 2p) ms (tries: $(echo $all | sed 's/ /, /g') ms)"
+}
+
+r=$(interrupt_latency pg_cancel_backend)
+ms=${r%% *}
+if [ "${r#error}" = "$r" ] && [ "$ms" -lt 1000 ]; then
+	ok "cancel_latency (median ${r} from pg_cancel_backend to the end of the call; a whole inference takes ${full_ms:-?} ms)"
 else
-	fail cancel_latency "${ms} ms after pg_cancel_backend (whole inference ${full_ms:-?} ms): $(cat "$DIR/pg_cancel_backend.out")"
+	fail cancel_latency "median ${r} from pg_cancel_backend to the end of the call, bound 1000 ms (whole inference ${full_ms:-?} ms)"
 fi
-ms=$(interrupt_latency pg_terminate_backend)
-if [ "$ms" != never-started ] && [ "$ms" -lt 1000 ] &&
-	grep -q "terminating connection due to administrator command" "$DIR/pg_terminate_backend.out"; then
-	ok "terminate_latency (${ms} ms after pg_terminate_backend)"
+r=$(interrupt_latency pg_terminate_backend)
+ms=${r%% *}
+if [ "${r#error}" = "$r" ] && [ "$ms" -lt 1000 ]; then
+	ok "terminate_latency (median ${r} from pg_terminate_backend to the backend's exit)"
 else
-	fail terminate_latency "${ms} ms after pg_terminate_backend: $(cat "$DIR/pg_terminate_backend.out")"
+	fail terminate_latency "median ${r} from pg_terminate_backend to the backend's exit, bound 1000 ms"
 fi
 if [ -n "$full_ms" ] && [ "$full_ms" -lt 1000 ]; then
 	echo "note: the slow model ran in ${full_ms} ms on this machine; the cancel tests above may not have caught it mid-inference"
