@@ -192,6 +192,56 @@ config_quadtree_path(config_reader *r, const char *path)
 	return OSV_OK;
 }
 
+/*
+ * Vision towers a backbone path names: what the path implies and the
+ * weights cannot say (the head count) or say only through the numbers (the
+ * activation).  OpenAI's CLIPs use quick_gelu, the open_clip/laion ones
+ * exact gelu; the widths are checked against the weights by model.c.
+ */
+static const struct
+{
+	const char *path;
+	int			heads;
+	int			width;
+	osv_activation act;
+}			known_backbones[] =
+{
+	/* osv5m/baseline */
+	{"laion/CLIP-ViT-L-14-DataComp.XL-s13B-b90K", 16, 1024, OSV_ACT_GELU},
+	{"laion/CLIP-ViT-L-14-laion2B-s32B-b82K", 16, 1024, OSV_ACT_GELU},
+	{"laion/CLIP-ViT-H-14-laion2B-s32B-b79K", 16, 1280, OSV_ACT_GELU},
+	{"laion/CLIP-ViT-B-32-laion2B-s34B-b79K", 12, 768, OSV_ACT_GELU},
+	{"openai/clip-vit-large-patch14", 16, 1024, OSV_ACT_QUICK_GELU},
+	{"openai/clip-vit-large-patch14-336", 16, 1024, OSV_ACT_QUICK_GELU},
+	{"openai/clip-vit-base-patch16", 12, 768, OSV_ACT_QUICK_GELU},
+	{"openai/clip-vit-base-patch32", 12, 768, OSV_ACT_QUICK_GELU},
+};
+
+/* Record the backbone path and what it implies (explicit keys win). */
+static void
+config_backbone(config_reader *r, const char *path)
+{
+	osv_config *c = r->config;
+
+	snprintf(c->backbone_path, sizeof(c->backbone_path), "%s", path);
+	c->backbone_heads = 0;
+	c->backbone_width = 0;
+	for (size_t i = 0; i < sizeof(known_backbones) / sizeof(known_backbones[0]); i++)
+	{
+		if (strcmp(path, known_backbones[i].path) == 0)
+		{
+			c->backbone_heads = known_backbones[i].heads;
+			c->backbone_width = known_backbones[i].width;
+			if (c->hidden_act < 0)
+				c->hidden_act = known_backbones[i].act;
+			return;
+		}
+	}
+	/* an unknown OpenAI tower still uses OpenAI's activation */
+	if (strncmp(path, "openai/", 7) == 0 && c->hidden_act < 0)
+		c->hidden_act = OSV_ACT_QUICK_GELU;
+}
+
 /* The "model" object of the nested form. */
 static osv_status
 config_model(config_reader *r, int model)
@@ -200,8 +250,37 @@ config_model(config_reader *r, int model)
 	int			head = osv_json_get(json, osv_json_get(json, model, "head"), "instance");
 	int			backbone = osv_json_get(json, osv_json_get(json, model, "backbone"),
 										"instance");
+	int			mid = osv_json_get(json, osv_json_get(json, model, "mid"), "instance");
 	const char *s;
 	osv_status	st;
+
+	if (mid >= 0)
+	{
+		int			hidden = osv_json_get(json, mid, "hidden_dim");
+
+		st = config_int(r, mid, "initial_dim", "model.mid.instance.initial_dim",
+						&r->config->mid_initial);
+		if (st != OSV_OK)
+			return st;
+		if (hidden >= 0 && json->nodes[hidden].type != OSV_JSON_NULL)
+		{
+			int			a = osv_json_at(json, hidden, 0),
+						b = osv_json_at(json, hidden, 1);
+
+			if (json->nodes[hidden].type != OSV_JSON_ARRAY ||
+				json->nodes[hidden].num_children != 2 ||
+				json->nodes[a].type != OSV_JSON_NUMBER ||
+				json->nodes[b].type != OSV_JSON_NUMBER ||
+				json->nodes[a].number < 1 || json->nodes[a].number > CONFIG_MAX_DIM ||
+				json->nodes[b].number < 1 || json->nodes[b].number > CONFIG_MAX_DIM ||
+				json->nodes[a].number != floor(json->nodes[a].number) ||
+				json->nodes[b].number != floor(json->nodes[b].number))
+				return config_bad(r, "model.mid.instance.hidden_dim",
+								  "an array of 2 positive integers");
+			r->config->mid_hidden[0] = (int) json->nodes[a].number;
+			r->config->mid_hidden[1] = (int) json->nodes[b].number;
+		}
+	}
 
 	if (head >= 0)
 	{
@@ -210,6 +289,10 @@ config_model(config_reader *r, int model)
 
 		st = config_positive(r, head, "scale_tanh", "model.head.instance.scale_tanh",
 							 &scale);
+		if (st != OSV_OK)
+			return st;
+		st = config_int(r, head, "final_dim", "model.head.instance.final_dim",
+						&r->config->num_cells);
 		if (st != OSV_OK)
 			return st;
 		if (scale > 0)
@@ -230,13 +313,8 @@ config_model(config_reader *r, int model)
 		st = config_string(r, backbone, "path", "model.backbone.instance.path", &s);
 		if (st != OSV_OK)
 			return st;
-
-		/*
-		 * OpenAI's CLIP checkpoints use quick_gelu, the laion ones exact
-		 * gelu; only the hub path tells them apart.
-		 */
-		if (s != NULL && strncmp(s, "openai/", 7) == 0 && r->config->hidden_act < 0)
-			r->config->hidden_act = OSV_ACT_QUICK_GELU;
+		if (s != NULL)
+			config_backbone(r, s);
 	}
 	return OSV_OK;
 }

@@ -12,6 +12,8 @@
 
 #include "osv5m.h"
 
+#include <pthread.h>
+
 /* ---- errors ---------------------------------------------------------- */
 
 /* Fill err (if not NULL) with status and a printf-style message; returns status. */
@@ -105,10 +107,21 @@ typedef struct osv_tensor
 	osv_dtype	dtype;
 	int			ndim;
 	int64_t		shape[OSV_MAX_DIMS];
+	int64_t		stride[OSV_MAX_DIMS];	/* in elements; row-major unless ... */
+	bool		contiguous;		/* ... this is false (PyTorch views) */
 	uint64_t	num_elements;
-	const void *data;			/* inside the mapping / buffer */
-	size_t		nbytes;
+	const void *data;			/* first element, inside the mapping / buffer */
+	size_t		nbytes;			/* bytes from data to the last element's end */
 } osv_tensor;
+
+/* Bytes of one element of dtype, 0 for OSV_DTYPE_UNKNOWN. */
+size_t		osv_dtype_size(osv_dtype dtype);
+/* Binary search of tensors[0..n) sorted by name. */
+const osv_tensor *osv_tensor_find(const osv_tensor *tensors, int n, const char *name);
+/* Element i (row-major order of the shape) of a float tensor as double. */
+double		osv_tensor_get(const osv_tensor *t, uint64_t i);
+/* All elements of a float tensor, row-major, converted to F32 into dst. */
+void		osv_tensor_to_f32(const osv_tensor *t, float *dst);
 
 typedef struct osv_safetensors
 {
@@ -134,6 +147,84 @@ void		osv_safetensors_close(osv_safetensors *st);
 const osv_tensor *osv_safetensors_find(const osv_safetensors *st,
 									   const char *name);
 
+/* ---- zip archives (zip.c) ---------------------------------------------- */
+
+typedef struct osv_zip_entry
+{
+	const char *name;			/* NUL-terminated, in osv_zip.names */
+	uint64_t	header_offset;	/* of the local header */
+	uint64_t	data_offset;
+	const uint8_t *data;		/* inside the buffer */
+	uint64_t	size;
+} osv_zip_entry;
+
+typedef struct osv_zip
+{
+	osv_zip_entry *entries;		/* sorted by name */
+	int			num_entries;
+	char	   *names;
+} osv_zip;
+
+/*
+ * Index the stored entries of a zip archive in buf[0..size): ZIP64 aware;
+ * compressed, encrypted, overlapping, out-of-range or duplicate entries and
+ * truncated archives are errors.
+ */
+osv_status	osv_zip_parse(const uint8_t *buf, size_t size, osv_zip *out,
+						  osv_error *err);
+void		osv_zip_free(osv_zip *zip);
+const osv_zip_entry *osv_zip_find(const osv_zip *zip, const char *name);
+
+/* ---- PyTorch checkpoints (pytorch.c) ------------------------------------ */
+
+typedef struct osv_pytorch
+{
+	void	   *map;			/* mmap'ed file, or NULL when parsed from memory */
+	size_t		map_size;
+	osv_zip		zip;
+	osv_tensor *tensors;		/* sorted by name; several may share a storage */
+	int			num_tensors;
+	char	   *names;			/* arena of the tensor names */
+} osv_pytorch;
+
+/*
+ * Read a torch.save zip checkpoint of a state dict held in buf[0..size):
+ * data.pkl through a restricted unpickler (allow-listed opcodes and
+ * globals, nothing executed), tensors checked against their storages.
+ */
+osv_status	osv_pytorch_parse(const uint8_t *buf, size_t size, osv_pytorch *out,
+							  osv_error *err);
+osv_status	osv_pytorch_open(const char *path, osv_pytorch *out, osv_error *err);
+void		osv_pytorch_close(osv_pytorch *pt);
+
+/* ---- one tensor table over both formats (weights.c) --------------------- */
+
+typedef enum osv_weights_format
+{
+	OSV_WEIGHTS_SAFETENSORS,
+	OSV_WEIGHTS_PYTORCH
+} osv_weights_format;
+
+typedef struct osv_weights
+{
+	osv_weights_format format;
+	osv_safetensors st;
+	osv_pytorch pt;
+	const osv_tensor *tensors;	/* of st or pt, sorted by name */
+	int			num_tensors;
+	const uint8_t *map;			/* the whole file, read-only */
+	size_t		map_size;
+} osv_weights;
+
+/* Open path as format; the network only ever sees the tensor table. */
+osv_status	osv_weights_open(const char *path, osv_weights_format format,
+							 osv_weights *out, osv_error *err);
+void		osv_weights_close(osv_weights *w);
+const osv_tensor *osv_weights_find(const osv_weights *w, const char *name);
+
+/* SHA-256 of buf[0..size) as 64 lower-case hex digits (sha256.c). */
+void		osv_sha256_hex(const uint8_t *buf, size_t size, char hex[65]);
+
 /* ---- model configuration (config.c) ----------------------------------- */
 
 typedef struct osv_config
@@ -153,6 +244,14 @@ typedef struct osv_config
 	float		image_std[3];
 	double		scale_tanh;		/* < 0 unset */
 	char		quadtree_file[256]; /* base name of quadtree_path, or "" */
+	/* model.backbone.instance.path of the nested form, when given */
+	char		backbone_path[128];
+	int			backbone_heads; /* heads that path implies; 0: unknown path */
+	int			backbone_width; /* its hidden size */
+	/* from the nested form, checked against the weights' shapes (0: unset) */
+	int			num_cells;		/* model.head.instance.final_dim */
+	int			mid_initial;	/* model.mid.instance.initial_dim */
+	int			mid_hidden[2];	/* model.mid.instance.hidden_dim */
 } osv_config;
 
 /* Defaults of osv5m/baseline; everything "unset". */
@@ -230,8 +329,22 @@ struct osv_model
 
 	osv_cell   *cells;			/* [num_cells], degrees */
 
+	/*
+	 * What the hybrid head reads, per cell, normalised (lat / 90, lon / 180):
+	 * center (lat, lon), size up, size down; [num_cells][6] doubles.  The
+	 * checkpoint's cell buffers when it has them (as the authors' model
+	 * uses them), else computed from the CSV exactly as their
+	 * init_quadtree does: center = mean / 90, up = max / 90 - center,
+	 * down = center - min / 90 (lon: / 180).
+	 */
+	double	   *cell_norm;
+
+	/* SHA-256 of the weights file, computed on the first request */
+	pthread_mutex_t fingerprint_lock;
+	char		fingerprint[65];	/* "" until computed */
+
 	/* storage */
-	osv_safetensors weights;
+	osv_weights weights;
 	float	   *converted;		/* F16/BF16 tensors widened to F32, or NULL */
 };
 

@@ -3,14 +3,21 @@
  * osv_model (see internal.h for the struct, docs/MODEL.md sections 1 and 2 for
  * the names and the hyperparameters).
  *
- * Steps: read config.json if there is one; mmap model.safetensors; find
+ * Which weights file: model.safetensors when the directory has one, else
+ * pytorch_model.bin (what osv5m/baseline publishes).  Both are read into
+ * the same tensor table (weights.c), so nothing below knows which it was.
+ *
+ * Steps: read config.json if there is one; mmap the weights; find
  * the name prefix by probing for class_embedding; derive the shapes (D
  * from class_embedding, layers by counting encoder.layers.N, F from fc1,
  * P from patch_embedding, the image size from the config or from the rows
  * of position_embedding, the MLP widths and the cell count from the mid
  * branches); then check EVERY tensor the network reads against those
- * shapes and dtypes before pointing at it; finally read the quadtree, whose
- * row count must equal the cell count.
+ * shapes and dtypes before pointing at it; finally the quadtree: the CSV,
+ * whose row count must equal the cell count, and/or the checkpoint's cell
+ * buffers (head.cell_center, cell_size_up, cell_size_down: float64 [C, 2],
+ * normalised), which the head then uses as the authors' model does; when
+ * both are there they must agree.
  *
  * Attention heads cannot be derived from shapes: they come from
  * config.json, else 16 when D == 1024 (osv5m/baseline), else D / 64 (the
@@ -19,17 +26,19 @@
  *
  * Invariants of an open model: every weight pointer addresses exactly as
  * many floats as its shape says, in the read-only mapping (F32, 4-byte
- * aligned) or in model->converted (F16/BF16 widened, or misaligned F32
- * copied); tensors the network does not use (position_ids,
+ * aligned, contiguous) or in model->converted (F16/BF16/F64 converted,
+ * strided views gathered, misaligned F32 copied); tensors the network does not use (position_ids,
  * post_layernorm, ...) are ignored.  Opening is all or nothing: on error
  * everything is freed and *out stays NULL.
  */
 #include "internal.h"
 
+#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 /* safetensors stores little-endian data, which the core reads in place */
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -39,6 +48,10 @@
 #define CONFIG_MAX_BYTES ((size_t) 1 << 20)
 #define QUADTREE_MAX_BYTES ((size_t) 256 << 20)
 #define DEFAULT_QUADTREE "quadtree_10_1000.csv"
+#define SAFETENSORS_NAME "model.safetensors"
+#define PYTORCH_NAME "pytorch_model.bin"
+/* a CSV and the checkpoint's buffers agree within this, in degrees */
+#define CELL_AGREE_DEG 1e-6
 /* keeps every derived size far from int overflow */
 #define MODEL_MAX_DIM (1 << 20)
 #define MODEL_MAX_LAYERS 10000
@@ -97,11 +110,11 @@ find_weight(loader *ld, const char *prefix, const char *name,
 	const osv_tensor *t;
 
 	snprintf(full, sizeof(full), "%s%s", prefix, name);
-	t = osv_safetensors_find(&ld->model->weights, full);
+	t = osv_weights_find(&ld->model->weights, full);
 	if (t == NULL)
 		return osv_fail(ld->err, OSV_ERR_MODEL, "missing tensor %s", full);
 	if (t->dtype != OSV_DTYPE_F32 && t->dtype != OSV_DTYPE_F16 &&
-		t->dtype != OSV_DTYPE_BF16)
+		t->dtype != OSV_DTYPE_BF16 && t->dtype != OSV_DTYPE_F64)
 		return osv_fail(ld->err, OSV_ERR_MODEL,
 						"tensor %s has dtype %s, expected F32, F16 or BF16",
 						t->name, osv_dtype_name(t->dtype));
@@ -343,7 +356,20 @@ join_path(char *dst, size_t size, const char *dir, const char *name, osv_error *
 	return OSV_OK;
 }
 
-/* Widen or copy the bindings that cannot point into the mapping. */
+/*
+ * Can binding t point into the mapping?  Contiguous F32 only, and 4-byte
+ * aligned: safetensors does not promise alignment (the header length is
+ * arbitrary), and a misaligned float load is undefined behaviour in C.
+ * PyTorch aligns every storage to 64 bytes.
+ */
+static bool
+in_place(const osv_tensor *t)
+{
+	return t->dtype == OSV_DTYPE_F32 && t->contiguous &&
+		((uintptr_t) t->data % sizeof(float)) == 0;
+}
+
+/* Convert the bindings that cannot point into the mapping, once. */
 static osv_status
 convert_weights(loader *ld)
 {
@@ -355,12 +381,7 @@ convert_weights(loader *ld)
 	{
 		const osv_tensor *t = ld->bindings[i].tensor;
 
-		/*
-		 * F32 data is used in place only when 4-byte aligned: safetensors
-		 * does not promise alignment (the header length is arbitrary), and
-		 * a misaligned float load is undefined behaviour in C.
-		 */
-		if (t->dtype == OSV_DTYPE_F32 && ((uintptr_t) t->data % sizeof(float)) == 0)
+		if (in_place(t))
 			continue;
 		if (__builtin_add_overflow(total, (size_t) t->num_elements, &total))
 			return osv_fail(ld->err, OSV_ERR_LIMIT, "converted weights overflow size_t");
@@ -372,39 +393,24 @@ convert_weights(loader *ld)
 	m->converted = malloc(total);
 	if (m->converted == NULL)
 		return osv_fail(ld->err, OSV_ERR_NOMEM,
-						"out of memory widening F16/BF16 weights to F32 (%zu bytes)", total);
+						"out of memory converting weights to F32 (%zu bytes)", total);
 
 	next = m->converted;
 	for (int i = 0; i < ld->num_bindings; i++)
 	{
 		const osv_tensor *t = ld->bindings[i].tensor;
-		const uint8_t *src = t->data;
-		size_t		n = (size_t) t->num_elements;
 
-		if (t->dtype == OSV_DTYPE_F32)
-		{
-			if (((uintptr_t) t->data % sizeof(float)) == 0)
-				continue;
-			memcpy(next, src, n * sizeof(float));
-		}
-		else
-		{
-			for (size_t k = 0; k < n; k++)
-			{
-				/* little-endian halves, possibly misaligned: assemble bytes */
-				uint16_t	h = (uint16_t) (src[2 * k] | (src[2 * k + 1] << 8));
-
-				next[k] = (t->dtype == OSV_DTYPE_F16) ? osv_f16_to_f32(h) :
-					osv_bf16_to_f32(h);
-			}
-		}
+		if (in_place(t))
+			continue;
+		/* shape checked by bind(); the parsers checked every element's range */
+		osv_tensor_to_f32(t, next);
 		*ld->bindings[i].dst = next;
-		next += n;
+		next += t->num_elements;
 	}
 	return OSV_OK;
 }
 
-/* Point every F32 aligned binding into the mapping. */
+/* Point every contiguous, aligned F32 binding into the mapping. */
 static void
 bind_in_place(loader *ld)
 {
@@ -412,7 +418,7 @@ bind_in_place(loader *ld)
 	{
 		const osv_tensor *t = ld->bindings[i].tensor;
 
-		if (t->dtype == OSV_DTYPE_F32 && ((uintptr_t) t->data % sizeof(float)) == 0)
+		if (in_place(t))
 			*ld->bindings[i].dst = t->data;
 	}
 }
@@ -456,7 +462,7 @@ load_weights(loader *ld, const osv_config *config)
 
 		snprintf(name, sizeof(name), "%sembeddings.class_embedding",
 				 backbone_prefixes[i]);
-		if (osv_safetensors_find(&m->weights, name) != NULL)
+		if (osv_weights_find(&m->weights, name) != NULL)
 		{
 			ld->prefix = backbone_prefixes[i];
 			break;
@@ -471,7 +477,7 @@ load_weights(loader *ld, const osv_config *config)
 		char		name[128];
 
 		snprintf(name, sizeof(name), "%sclassif.7.weight", mid_prefixes[i]);
-		if (osv_safetensors_find(&m->weights, name) != NULL)
+		if (osv_weights_find(&m->weights, name) != NULL)
 		{
 			ld->mid_prefix = mid_prefixes[i];
 			break;
@@ -503,7 +509,11 @@ load_weights(loader *ld, const osv_config *config)
 		return st;
 	C = t->shape[0];
 
-	if ((st = agree(ld, "hidden_size", config->hidden_size, D)) != OSV_OK ||
+	if ((st = agree(ld, "model.head.instance.final_dim", config->num_cells, C)) != OSV_OK ||
+		(st = agree(ld, "model.mid.instance.initial_dim", config->mid_initial, D)) != OSV_OK ||
+		(st = agree(ld, "model.mid.instance.hidden_dim[0]", config->mid_hidden[0], H1)) != OSV_OK ||
+		(st = agree(ld, "model.mid.instance.hidden_dim[1]", config->mid_hidden[1], H2)) != OSV_OK ||
+		(st = agree(ld, "hidden_size", config->hidden_size, D)) != OSV_OK ||
 		(st = agree(ld, "num_hidden_layers", config->num_layers, L)) != OSV_OK ||
 		(st = agree(ld, "intermediate_size", config->intermediate_size, F)) != OSV_OK ||
 		(st = agree(ld, "patch_size", config->patch_size, P)) != OSV_OK)
@@ -531,6 +541,18 @@ load_weights(loader *ld, const osv_config *config)
 
 	if (config->num_heads > 0)
 		heads = config->num_heads;
+	else if (config->backbone_path[0] != '\0' && config->backbone_heads == 0)
+		return osv_fail(ld->err, OSV_ERR_MODEL,
+						"config.json: the backbone \"%.100s\" is not one osv5m knows, so the number of attention heads is unknown: add \"num_attention_heads\" at the top level of config.json",
+						config->backbone_path);
+	else if (config->backbone_heads > 0)
+	{
+		if (config->backbone_width != D)
+			return osv_fail(ld->err, OSV_ERR_MODEL,
+							"config.json: the backbone \"%.100s\" has hidden size %d but the weights have %lld: add \"num_attention_heads\" at the top level of config.json",
+							config->backbone_path, config->backbone_width, (long long) D);
+		heads = config->backbone_heads;
+	}
 	else if (D == 1024)
 		heads = 16;
 	else if (D % 64 == 0)
@@ -664,18 +686,24 @@ load_config(osv_model *m, const char *dir, osv_config *config, osv_error *err)
 	return st;
 }
 
-/* Read the quadtree: override, else config's base name, else the default. */
+/*
+ * Read the quadtree CSV: override, else config's base name, else the
+ * default.  *missing (when not NULL) is set when the directory simply has
+ * no CSV (never for an override), and the error then says so.
+ */
 static osv_status
 load_quadtree(osv_model *m, const char *dir, const char *override,
-			  const osv_config *config, int *num_cells, osv_error *err)
+			  const osv_config *config, int *num_cells, bool *missing, osv_error *err)
 {
 	char	   *path = m->info.quadtree_path;
 	size_t		path_size = sizeof(m->info.quadtree_path);
 	char	   *text;
 	size_t		len;
-	bool		missing;
+	bool		absent = false;
 	osv_status	st;
 
+	if (missing)
+		*missing = false;
 	if (override != NULL && override[0] != '\0')
 	{
 		if ((size_t) snprintf(path, path_size, "%s", override) >= path_size)
@@ -691,8 +719,8 @@ load_quadtree(osv_model *m, const char *dir, const char *override,
 		if ((st = join_path(path, path_size, dir, name, err)) != OSV_OK)
 			return st;
 		st = read_small_file(path, QUADTREE_MAX_BYTES, "quadtree file", &text, &len,
-							 &missing, err);
-		if (st != OSV_OK && missing && strcmp(name, DEFAULT_QUADTREE) != 0)
+							 &absent, err);
+		if (st != OSV_OK && absent && strcmp(name, DEFAULT_QUADTREE) != 0)
 		{
 			/* the config's name may be stale; the default is worth a try */
 			osv_error	first = *err;
@@ -700,10 +728,17 @@ load_quadtree(osv_model *m, const char *dir, const char *override,
 			if ((st = join_path(path, path_size, dir, DEFAULT_QUADTREE, err)) != OSV_OK)
 				return st;
 			st = read_small_file(path, QUADTREE_MAX_BYTES, "quadtree file", &text, &len,
-								 NULL, err);
+								 &absent, err);
 			if (st != OSV_OK)
+			{
 				*err = first;
+				if ((st = join_path(path, path_size, dir, name, err)) != OSV_OK)
+					return st;
+				st = first.status;
+			}
 		}
+		if (missing)
+			*missing = absent;
 	}
 	if (st != OSV_OK)
 		return st;
@@ -712,6 +747,190 @@ load_quadtree(osv_model *m, const char *dir, const char *override,
 	if (st != OSV_OK)
 		add_file_detail(err, path);
 	return st;
+}
+
+/* The three cell buffers of the head, or none: *found tells. */
+static osv_status
+find_cell_buffers(osv_model *m, const osv_tensor *buf[3], bool *found, osv_error *err)
+{
+	static const char *const prefixes[] = {"model.head.", "head."};
+	static const char *const names[] = {"cell_center", "cell_size_up", "cell_size_down"};
+	int			C = m->info.num_cells;
+
+	*found = false;
+	for (size_t p = 0; p < sizeof(prefixes) / sizeof(prefixes[0]) && !*found; p++)
+	{
+		for (int k = 0; k < 3; k++)
+		{
+			char		name[64];
+
+			snprintf(name, sizeof(name), "%s%s", prefixes[p], names[k]);
+			buf[k] = osv_weights_find(&m->weights, name);
+			if (buf[k] == NULL)
+			{
+				if (k > 0)
+					return osv_fail(err, OSV_ERR_MODEL,
+									"missing tensor %s (the checkpoint has %s%s)", name,
+									prefixes[p], names[0]);
+				break;
+			}
+			if (buf[k]->dtype != OSV_DTYPE_F64 && buf[k]->dtype != OSV_DTYPE_F32)
+				return osv_fail(err, OSV_ERR_MODEL,
+								"tensor %s has dtype %s, expected F64 or F32", name,
+								osv_dtype_name(buf[k]->dtype));
+			if (buf[k]->ndim != 2 || buf[k]->shape[0] != C || buf[k]->shape[1] != 2)
+			{
+				char		have[160];
+
+				return osv_fail(err, OSV_ERR_MODEL, "tensor %s has shape %s, expected [%d, 2]",
+								name, shape_text(have, sizeof(have), buf[k]->shape,
+												 buf[k]->ndim), C);
+			}
+			if (k == 2)
+				*found = true;
+		}
+	}
+	return OSV_OK;
+}
+
+/*
+ * The head's normalised cells and the degrees of the public API.  From the
+ * buffers when there are some (checked finite, sizes >= 0, inside the
+ * globe); from the CSV otherwise, exactly as the authors' init_quadtree.
+ * With both, every CSV value must agree with the buffers' within
+ * CELL_AGREE_DEG, or the first cell that does not is named.
+ */
+static osv_status
+build_cells(osv_model *m, const osv_tensor *const buf[3], bool have_buffers,
+			bool have_csv, osv_error *err)
+{
+	static const char *const fields[] = {"min_lat", "min_lon", "max_lat", "max_lon",
+	"mean_lat", "mean_lon"};
+	int			C = m->info.num_cells;
+
+	m->cell_norm = malloc((size_t) C * 6 * sizeof(double));
+	if (m->cell_norm == NULL)
+		return osv_fail(err, OSV_ERR_NOMEM, "out of memory for %d cells", C);
+	if (!have_buffers)
+	{
+		for (int c = 0; c < C; c++)
+		{
+			const osv_cell *q = &m->cells[c];
+			double	   *n = m->cell_norm + (size_t) c * 6;
+
+			n[0] = q->mean_lat / 90.0;
+			n[1] = q->mean_lon / 180.0;
+			n[2] = q->max_lat / 90.0 - n[0];
+			n[3] = q->max_lon / 180.0 - n[1];
+			n[4] = n[0] - q->min_lat / 90.0;
+			n[5] = n[1] - q->min_lon / 180.0;
+		}
+		return OSV_OK;
+	}
+	if (!have_csv)
+	{
+		m->cells = malloc((size_t) C * sizeof(osv_cell));
+		if (m->cells == NULL)
+			return osv_fail(err, OSV_ERR_NOMEM, "out of memory for %d cells", C);
+	}
+	for (int c = 0; c < C; c++)
+	{
+		double	   *n = m->cell_norm + (size_t) c * 6;
+		double		deg[6];
+
+		for (int k = 0; k < 3; k++)
+		{
+			n[2 * k] = osv_tensor_get(buf[k], (uint64_t) c * 2);
+			n[2 * k + 1] = osv_tensor_get(buf[k], (uint64_t) c * 2 + 1);
+		}
+		for (int i = 0; i < 6; i++)
+			if (!isfinite(n[i]) || fabs(n[i]) > 2.0 || (i >= 2 && n[i] < 0))
+				return osv_fail(err, OSV_ERR_MODEL,
+								"cell %d of the checkpoint's %s is %g, not a normalised %s",
+								c, i < 2 ? "cell_center" : i < 4 ? "cell_size_up" :
+								"cell_size_down", n[i],
+								i < 2 ? "coordinate" : "size");
+		/* degrees: min = center - down, max = center + up (docs/MODEL.md) */
+		deg[0] = (n[0] - n[4]) * 90.0;
+		deg[1] = (n[1] - n[5]) * 180.0;
+		deg[2] = (n[0] + n[2]) * 90.0;
+		deg[3] = (n[1] + n[3]) * 180.0;
+		deg[4] = n[0] * 90.0;
+		deg[5] = n[1] * 180.0;
+		if (have_csv)
+		{
+			const osv_cell *q = &m->cells[c];
+			const double csv[6] = {q->min_lat, q->min_lon, q->max_lat, q->max_lon,
+			q->mean_lat, q->mean_lon};
+
+			for (int i = 0; i < 6; i++)
+				if (!(fabs(csv[i] - deg[i]) <= CELL_AGREE_DEG))
+				{
+					osv_fail(err, OSV_ERR_MODEL,
+							 "quadtree and checkpoint disagree on cell %d: %s is %.9g in the CSV but %.9g in the checkpoint's cell buffers",
+							 c, fields[i], csv[i], deg[i]);
+					add_file_detail(err, m->info.quadtree_path);
+					return OSV_ERR_MODEL;
+				}
+		}
+		else
+		{
+			osv_cell   *q = &m->cells[c];
+
+			q->min_lat = deg[0];
+			q->min_lon = deg[1];
+			q->max_lat = deg[2];
+			q->max_lon = deg[3];
+			q->mean_lat = deg[4];
+			q->mean_lon = deg[5];
+		}
+	}
+	return OSV_OK;
+}
+
+/* Does path exist (as anything)?  *err_no the stat error otherwise. */
+static bool
+exists(const char *path, int *err_no)
+{
+	struct stat sb;
+
+	if (stat(path, &sb) == 0)
+		return true;
+	*err_no = errno;
+	return false;
+}
+
+/*
+ * The weights file: model.safetensors when present (what conversion tools
+ * and newer huggingface_hub write), else pytorch_model.bin (what
+ * osv5m/baseline publishes).  With neither, model.safetensors, so that
+ * opening it gives the usual "could not open" error.
+ */
+static osv_status
+pick_weights(osv_model *m, const char *dir, osv_weights_format *format,
+			 bool *neither, osv_error *err)
+{
+	char		pt_path[sizeof(m->info.weights_path)];
+	int			e = 0;
+	osv_status	st;
+
+	*neither = false;
+	*format = OSV_WEIGHTS_SAFETENSORS;
+	if ((st = join_path(m->info.weights_path, sizeof(m->info.weights_path), dir,
+						SAFETENSORS_NAME, err)) != OSV_OK)
+		return st;
+	if (exists(m->info.weights_path, &e) || e != ENOENT)
+		return OSV_OK;
+	if ((st = join_path(pt_path, sizeof(pt_path), dir, PYTORCH_NAME, err)) != OSV_OK)
+		return st;
+	if (exists(pt_path, &e) || e != ENOENT)
+	{
+		strcpy(m->info.weights_path, pt_path);
+		*format = OSV_WEIGHTS_PYTORCH;
+		return OSV_OK;
+	}
+	*neither = true;
+	return OSV_OK;
 }
 
 /* Open a model directory; all or nothing. */
@@ -724,7 +943,9 @@ osv_model_open(const char *dir, const char *quadtree_path, osv_model **out,
 	osv_config	config;
 	loader		ld;
 	osv_status	st;
-	int			num_cells;
+	osv_weights_format format = OSV_WEIGHTS_SAFETENSORS;
+	bool		neither = false;
+	int			num_cells = 0;
 
 	/* the steps below compare and copy *err: make sure there is one */
 	if (err == NULL)
@@ -737,6 +958,7 @@ osv_model_open(const char *dir, const char *quadtree_path, osv_model **out,
 	m = calloc(1, sizeof(*m));
 	if (m == NULL)
 		return osv_fail(err, OSV_ERR_NOMEM, "out of memory for the model");
+	pthread_mutex_init(&m->fingerprint_lock, NULL);
 	osv_config_init(&config);
 	memset(&ld, 0, sizeof(ld));
 	ld.model = m;
@@ -744,17 +966,20 @@ osv_model_open(const char *dir, const char *quadtree_path, osv_model **out,
 
 	st = load_config(m, dir, &config, err);
 	if (st == OSV_OK)
-		st = join_path(m->info.weights_path, sizeof(m->info.weights_path), dir,
-					   "model.safetensors", err);
+		st = pick_weights(m, dir, &format, &neither, err);
 	if (st == OSV_OK)
 	{
-		st = osv_safetensors_open(m->info.weights_path, &m->weights, err);
+		st = osv_weights_open(m->info.weights_path, format, &m->weights, err);
 		if (st == OSV_ERR_MODEL)
 			add_file_detail(err, m->info.weights_path);
+		else if (st != OSV_OK && neither)
+			osv_fail_detail(err, "the directory holds neither %s nor %s",
+							SAFETENSORS_NAME, PYTORCH_NAME);
 	}
 	if (st == OSV_OK)
 	{
 		m->info.file_size = m->weights.map_size;
+		m->info.weights_format = format == OSV_WEIGHTS_PYTORCH ? "pytorch" : "safetensors";
 		st = load_weights(&ld, &config);
 		if (st == OSV_ERR_MODEL)
 			add_file_detail(err, m->info.weights_path);
@@ -762,11 +987,34 @@ osv_model_open(const char *dir, const char *quadtree_path, osv_model **out,
 	free(ld.bindings);
 	if (st == OSV_OK)
 	{
+		const osv_tensor *buf[3] = {NULL, NULL, NULL};
+		bool		have_buffers = false,
+					missing = false;
+
 		apply_config(&m->info, &config);
-		st = load_quadtree(m, dir, quadtree_path, &config, &num_cells, err);
-		if (st == OSV_OK && num_cells != m->info.num_cells)
-			st = osv_fail(err, OSV_ERR_MODEL, "quadtree has %d cells, the model has %d",
-						  num_cells, m->info.num_cells);
+		st = find_cell_buffers(m, buf, &have_buffers, err);
+		if (st == OSV_ERR_MODEL)
+			add_file_detail(err, m->info.weights_path);
+		if (st == OSV_OK)
+		{
+			st = load_quadtree(m, dir, quadtree_path, &config, &num_cells, &missing, err);
+			if (st == OSV_OK && num_cells != m->info.num_cells)
+				st = osv_fail(err, OSV_ERR_MODEL, "quadtree has %d cells, the model has %d",
+							  num_cells, m->info.num_cells);
+			else if (st != OSV_OK && missing && have_buffers)
+			{
+				/* no CSV: the checkpoint's cells are the quadtree */
+				m->info.quadtree_path[0] = '\0';
+				st = OSV_OK;
+			}
+			else if (st != OSV_OK && missing)
+				osv_fail_detail(err, "the weights have no cell buffers (head.cell_center) either, so the quadtree CSV is needed");
+		}
+		if (st == OSV_OK)
+		{
+			m->info.cells_source = have_buffers ? "checkpoint" : "quadtree";
+			st = build_cells(m, buf, have_buffers, m->info.quadtree_path[0] != '\0', err);
+		}
 	}
 	if (st != OSV_OK)
 	{
@@ -785,8 +1033,10 @@ osv_model_close(osv_model *model)
 		return;
 	free(model->layers);
 	free(model->cells);
+	free(model->cell_norm);
 	free(model->converted);
-	osv_safetensors_close(&model->weights);
+	osv_weights_close(&model->weights);
+	pthread_mutex_destroy(&model->fingerprint_lock);
 	free(model);
 }
 
@@ -804,4 +1054,15 @@ osv_model_cells(const osv_model *model, int *num_cells)
 	if (num_cells != NULL)
 		*num_cells = model->info.num_cells;
 	return model->cells;
+}
+
+/* SHA-256 of the weights file through the mapping, computed once. */
+const char *
+osv_model_fingerprint(osv_model *model)
+{
+	pthread_mutex_lock(&model->fingerprint_lock);
+	if (model->fingerprint[0] == '\0')
+		osv_sha256_hex(model->weights.map, model->weights.map_size, model->fingerprint);
+	pthread_mutex_unlock(&model->fingerprint_lock);
+	return model->fingerprint;
 }

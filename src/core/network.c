@@ -522,23 +522,17 @@ void
 osv_network_cell_point(const osv_context *ctx, int b, int cell, double *lat,
 					   double *lon)
 {
-	const osv_cell *q = &ctx->model->cells[cell];
+	const double *q = ctx->model->cell_norm + (size_t) cell * 6;
 	const float *reg = ctx->regression + (size_t) b * 2 * ctx->cells;
 	double		scale = ctx->model->info.scale_tanh;
-	double		r[2],
-				center[2],
-				up[2],
-				down[2];
+	double		r[2];
+	const double *center = q,
+			   *up = q + 2,
+			   *down = q + 4;
 
 	r[0] = scale * tanh((double) reg[2 * cell]);
 	r[1] = scale * tanh((double) reg[2 * cell + 1]);
-	/* the head works in coordinates normalised to [-1, 1] */
-	center[0] = q->mean_lat / 90.0;
-	center[1] = q->mean_lon / 180.0;
-	up[0] = q->max_lat / 90.0 - center[0];
-	up[1] = q->max_lon / 180.0 - center[1];
-	down[0] = center[0] - q->min_lat / 90.0;
-	down[1] = center[1] - q->min_lon / 180.0;
+	/* the head works in coordinates normalised to [-1, 1] (see model.c) */
 	for (int i = 0; i < 2; i++)
 	{
 		double		g = center[i] + r[i] * (r[i] > 0.0 ? up[i] : down[i]);

@@ -107,11 +107,13 @@ typedef struct osv_model_info
 	float		image_std[3];
 	double		scale_tanh;		/* 1.2 */
 	osv_dtype	dtype;			/* dtype of the stored matrices */
-	uint64_t	file_size;		/* bytes of model.safetensors */
+	uint64_t	file_size;		/* bytes of the weights file */
+	const char *weights_format; /* "safetensors" or "pytorch" */
+	const char *cells_source;	/* "quadtree" (a CSV) or "checkpoint" (its cell buffers) */
 	uint64_t	num_parameters; /* parameters actually used */
 	double		gflop_per_image;	/* multiply-adds x 2 of one forward pass */
 	char		weights_path[1024];
-	char		quadtree_path[1024];
+	char		quadtree_path[1024];	/* the CSV read; empty when none was */
 	char		config_path[1024];	/* empty when there is no config.json */
 } osv_model_info;
 
@@ -133,17 +135,38 @@ osv_params	osv_default_params(void);
 /* ---- model ---------------------------------------------------------- */
 
 /*
- * Open a model directory: model.safetensors, optional config.json and the
- * quadtree CSV (quadtree_10_1000.csv, or the base name config.json gives in
- * quadtree_path).  quadtree_path, if not NULL, overrides where the CSV is.
- * The weights are mmap'ed read-only; F16 and BF16 matrices are widened to
- * F32 in private memory.
+ * Open a model directory: the weights, model.safetensors or, when there is
+ * none, pytorch_model.bin (the file osv5m/baseline publishes); an optional
+ * config.json (flat keys or the authors' nested form); and the quadtree
+ * CSV (quadtree_10_1000.csv, or the base name config.json gives in
+ * quadtree_path), which is optional when the weights carry the cell
+ * buffers head.cell_center/cell_size_up/cell_size_down (then a CSV that is
+ * present must agree with them).  quadtree_path, if not NULL, names the
+ * CSV to read.  The weights are mmap'ed read-only; contiguous F32 tensors
+ * are used in place, others (F16, BF16, F64, strided) converted to F32
+ * once, in private memory.
  */
 osv_status	osv_model_open(const char *dir, const char *quadtree_path,
 						   osv_model **out, osv_error *err);
 void		osv_model_close(osv_model *model);
 const osv_model_info *osv_model_get_info(const osv_model *model);
 const osv_cell *osv_model_cells(const osv_model *model, int *num_cells);
+
+/*
+ * The SHA-256 of the weights file as 64 hex digits (what sha256sum prints),
+ * read through the model's mapping: computed on the first call (seconds
+ * for 1.3 GB), then remembered; safe from several threads.
+ */
+const char *osv_model_fingerprint(osv_model *model);
+
+/*
+ * Write the open model to out_dir (which must exist) as model.safetensors
+ * (every tensor the network reads, as F32, plus the cell buffers as F64),
+ * config.json (flat keys) and quadtree_10_1000.csv.  Opening out_dir gives
+ * bit-identical predictions.  Existing files are replaced.
+ */
+osv_status	osv_model_convert(const osv_model *model, const char *out_dir,
+							  osv_error *err);
 
 /* ---- files ----------------------------------------------------------- */
 

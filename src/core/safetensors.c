@@ -175,6 +175,18 @@ parse_entry(const osv_json *json, int node, const uint8_t *data,
 						osv_dtype_name(t->dtype), (unsigned long long) nbytes);
 	t->data = data + (size_t) begin;
 	t->nbytes = (size_t) nbytes;
+	/* row-major strides (an empty tensor's may saturate: never used) */
+	t->contiguous = true;
+	{
+		int64_t		step = 1;
+
+		for (int i = t->ndim - 1; i >= 0; i--)
+		{
+			t->stride[i] = step;
+			if (__builtin_mul_overflow(step, t->shape[i], &step))
+				step = INT64_MAX;
+		}
+	}
 	return OSV_OK;
 }
 
@@ -413,20 +425,5 @@ osv_safetensors_close(osv_safetensors *st)
 const osv_tensor *
 osv_safetensors_find(const osv_safetensors *st, const char *name)
 {
-	int			lo = 0,
-				hi = st->num_tensors - 1;
-
-	while (lo <= hi)
-	{
-		int			mid = lo + (hi - lo) / 2;
-		int			c = strcmp(name, st->tensors[mid].name);
-
-		if (c == 0)
-			return &st->tensors[mid];
-		if (c < 0)
-			hi = mid - 1;
-		else
-			lo = mid + 1;
-	}
-	return NULL;
+	return osv_tensor_find(st->tensors, st->num_tensors, name);
 }

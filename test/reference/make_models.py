@@ -18,16 +18,33 @@ Invariants:
   - F16/BF16 models store the float32 draws rounded to nearest-even; the
     reference widens exactly those stored values.
 
+Every model is written twice: <name>/ as above (safetensors, the CSV), and
+<name>-pt/ the way osv5m/baseline is actually published on Hugging Face
+(docs/MODEL.md section 1): pytorch_model.bin written by torch.save (Debian's
+python3-torch) of an OrderedDict with the model.* keys, the alias keys
+backbone.*, mid.*, head.* sharing the same storages, the float64 cell
+buffers head.cell_center/cell_size_up/cell_size_down computed from the
+quadtree as the authors' init_quadtree does, an I64 position_ids, the
+authors' nested config.json, and no CSV.  Both hold the same stored values.
+torch.save's output is deterministic for the same tensors and torch
+version (the zip entries carry no timestamps that change).
+
 Usage: make_models.py [--out test/models] [name...]
 """
 
 import argparse
+import collections
 import json
 import os
 import struct
 import sys
 
 import numpy as np
+
+try:
+    import torch
+except ImportError:  # the -pt models need it; the others do not
+    torch = None
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -259,6 +276,117 @@ def make_config(spec):
     return nested
 
 
+# ---- the published layout (pytorch_model.bin) --------------------------------
+
+# The backbone paths the nested configs name: the laion tower uses exact
+# gelu, OpenAI's quick_gelu.  Neither implies the tiny models' head counts,
+# so those are given as the explicit top-level key.
+PT_BACKBONE = {"gelu": "laion/CLIP-ViT-L-14-DataComp.XL-s13B-b90K",
+               "quick_gelu": "openai/clip-vit-base-patch32"}
+
+
+def published_config(spec):
+    """The authors' nested config.json, as save_as_huggingface writes it, plus
+    num_attention_heads (a tiny model's head count no backbone path implies)."""
+    s = spec["image"]
+    return {
+        "model": {
+            "_target_": "models.networks.network.ContrastiveHybridUnFrozenBackbone",
+            "mode": "eval",
+            "backbone": {"instance": {"_target_": "models.networks.backbones.CLIP",
+                                      "path": PT_BACKBONE[spec["act"]]},
+                         "output_dim": spec["hidden"]},
+            "mid": {"instance": {"_target_": "models.networks.mlp.MLPCentroid",
+                                 "initial_dim": spec["hidden"], "hidden_dim": spec["mid"],
+                                 "final_dim": 3 * spec["cells"],
+                                 "norm": {"_target_": "torch.nn.GroupNorm", "_partial_": True,
+                                          "num_groups": 4},
+                                 "activation": {"_target_": "torch.nn.GELU", "_partial_": True}}},
+            "head": {"instance": {"_target_": "models.networks.heads.hybrid.HybridHeadCentroid",
+                                  "final_dim": spec["cells"], "use_tanh": True,
+                                  "scale_tanh": spec["scale_tanh"],
+                                  "quadtree_path": "utils/quadtree_10_1000.csv"}},
+        },
+        "transform": {
+            "_target_": "torchvision.transforms.Compose",
+            "transforms": [
+                {"_target_": "torchvision.transforms.Resize", "size": s,
+                 "interpolation": 3, "antialias": True},
+                {"_target_": "torchvision.transforms.CenterCrop", "size": s},
+                {"_target_": "torchvision.transforms.ToTensor"},
+                {"_target_": "torchvision.transforms.Normalize",
+                 "mean": spec["mean"], "std": spec["std"]},
+            ],
+        },
+        "num_attention_heads": spec["heads"],
+    }
+
+
+def cell_buffers(rows):
+    """HybridHeadCentroid's buffers from quadtree rows, as init_quadtree computes
+    them: float64 [C, 2] center, size up, size down, normalised (lat/90, lon/180)."""
+    q = np.array(rows, dtype=np.float64)
+    norm = np.array([90.0, 180.0])
+    center = np.stack([q[:, 4], q[:, 5]], axis=1) / norm
+    up = np.stack([q[:, 2], q[:, 3]], axis=1) / norm - center
+    down = center - np.stack([q[:, 0], q[:, 1]], axis=1) / norm
+    return center, up, down
+
+
+def canonical_name(name, spec):
+    """The osv5m/baseline name of a tensor, without the model. prefix."""
+    for old, new in ((spec["prefix"], "backbone.clip.vision_model."), (spec["mid_prefix"], "mid.")):
+        if name.startswith(old):
+            return new + name[len(old):]
+    raise ValueError(name)
+
+
+def torch_tensor(arr, dtype):
+    """arr as a torch tensor stored as dtype; the same values to_bytes stores."""
+    t = torch.from_numpy(np.ascontiguousarray(arr))
+    if arr.dtype == np.int64:
+        return t
+    conv = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[dtype]
+    out = t.to(conv)
+    assert out.numpy().tobytes() == to_bytes(arr, dtype) if dtype != "BF16" else \
+        out.view(torch.int16).numpy().astype("<i2").tobytes() == to_bytes(arr, dtype)
+    return out
+
+
+def write_published(name, spec, weights, rows, out_dir):
+    """<name>-pt/: pytorch_model.bin + the nested config.json, no CSV."""
+    d = os.path.join(out_dir, name + "-pt")
+    os.makedirs(d, exist_ok=True)
+    for old in os.listdir(d):
+        os.unlink(os.path.join(d, old))
+    tensors = {}
+    for n, a in weights.items():
+        tensors[canonical_name(n, spec)] = torch_tensor(a, spec["dtype"])
+    center, up, down = cell_buffers(rows)
+    tensors["head.cell_center"] = torch.from_numpy(center.copy())
+    tensors["head.cell_size_up"] = torch.from_numpy(up.copy())
+    tensors["head.cell_size_down"] = torch.from_numpy(down.copy())
+    # Geolocalizer registers the network as "model" and its parts again as
+    # backbone, mid and head: every tensor twice, the same storage.
+    sd = collections.OrderedDict()
+    for part in ("backbone.", "mid.", "head."):
+        for n, t in tensors.items():
+            if n.startswith(part):
+                sd["model." + n] = t
+    for part in ("backbone.", "mid.", "head."):
+        for n, t in tensors.items():
+            if n.startswith(part):
+                sd[n] = t
+    sd._metadata = collections.OrderedDict(
+        [("", {"version": 1}), ("model", {"version": 1}), ("backbone", {"version": 1})])
+    torch.save(sd, os.path.join(d, "pytorch_model.bin"))
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(published_config(spec), f, indent=2)
+        f.write("\n")
+    size = sum(os.path.getsize(os.path.join(d, x)) for x in os.listdir(d))
+    print("%s: %d bytes" % (d, size))
+
+
 def write_model(name, spec, out_dir):
     """Generate one model directory."""
     rng = np.random.Generator(np.random.PCG64(spec["seed"]))
@@ -270,10 +398,13 @@ def write_model(name, spec, out_dir):
     with open(os.path.join(d, "config.json"), "w") as f:
         json.dump(make_config(spec), f, indent=2)
         f.write("\n")
-    write_quadtree(os.path.join(d, spec.get("quadtree", "quadtree_10_1000.csv")),
-                   make_quadtree(spec["cells"], rng))
+    rows = make_quadtree(spec["cells"], rng)
+    write_quadtree(os.path.join(d, spec.get("quadtree", "quadtree_10_1000.csv")), rows)
     size = sum(os.path.getsize(os.path.join(d, x)) for x in os.listdir(d))
     print("%s: %d bytes" % (d, size))
+    if torch is None:
+        sys.exit("python3-torch is needed for %s-pt (apt-get install python3-torch)" % name)
+    write_published(name, spec, weights, rows, out_dir)
 
 
 def main():
