@@ -13,6 +13,19 @@
  * given time so that the caller can commit, report progress and check for
  * a failed worker between waits.
  *
+ * Who may start workers: osv5m_enrich_launch is callable by anyone, so it
+ * checks the job itself.  It starts workers only for a job whose row in
+ * osv5m_jobs says it is running, led by this backend (leader_pid) and owned
+ * by the current role (owner); the workers then run as that role, so no
+ * role can make workers act for another.  osv5m.max_workers caps both the
+ * workers of one job and those one role has running at once, over all its
+ * jobs and databases; a larger request is reduced with a NOTICE.  To count
+ * exactly, launches of one role are serialized by a lock, and each waits
+ * until its workers show in pg_stat_activity (or have stopped) before it
+ * lets the next count.  osv5m_enrich_wait and osv5m_enrich_terminate act
+ * only on workers this backend launched for the job named: the handles
+ * live in this backend's memory, so no backend can reach another's.
+ *
  * Invariants:
  *  - all the row logic is in SQL (osv5m_enrich_batch): a worker only runs
  *    transactions around it, so a worker and the caller write rows exactly
@@ -42,9 +55,12 @@
 #include "lib/stringinfo.h"
 #include "miscadmin.h"
 #include "pgstat.h"
+#include "osv5m_pg.h"
 #include "postmaster/bgworker.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
+#include "storage/lock.h"
+#include "utils/backend_status.h"
 #include "utils/builtins.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
@@ -53,8 +69,26 @@
 #include "utils/timestamp.h"
 #include "utils/wait_event.h"
 
-/* Same bound as the SQL procedure checks. */
+/* Same bound as the SQL procedure checks, and osv5m.max_workers' maximum. */
 #define ENRICH_MAX_WORKERS 64
+
+/* bgw_type of the workers: pg_stat_activity's backend_type. */
+#define ENRICH_WORKER_TYPE "osv5m enrich worker"
+
+/*
+ * How long a launch waits for its workers to show in pg_stat_activity
+ * (they normally do within milliseconds; one that never does only makes
+ * the next launch of the role count it too late).
+ */
+#define ENRICH_VISIBLE_TIMEOUT_MS 10000
+
+/*
+ * The lock that serializes the launches of one role: an advisory lock tag
+ * with database 0, which no user advisory lock has (those carry the
+ * database's OID), so it is cluster-wide like roles and never collides.
+ */
+#define ENRICH_LOCK_KEY 0x6f737635	/* "osv5" */
+#define ENRICH_LOCK_CLASS 3		/* pg_advisory_lock uses 1 and 2 */
 
 /* What a worker needs to know, passed in BackgroundWorker.bgw_extra. */
 typedef struct EnrichWorkerArgs
@@ -161,7 +195,7 @@ RegisterWorkers(int64 job, int nworkers, int nparts, Oid fn_oid, Oid schema)
 	worker.bgw_restart_time = BGW_NEVER_RESTART;
 	LibraryOfFunction(fn_oid, worker.bgw_library_name, BGW_MAXLEN);
 	strlcpy(worker.bgw_function_name, "osv5m_enrich_worker_main", BGW_MAXLEN);
-	strlcpy(worker.bgw_type, "osv5m enrich worker", BGW_MAXLEN);
+	strlcpy(worker.bgw_type, ENRICH_WORKER_TYPE, BGW_MAXLEN);
 	/* the postmaster sets our latch when a worker starts or stops */
 	worker.bgw_notify_pid = MyProcPid;
 
@@ -192,9 +226,181 @@ RegisterWorkers(int64 job, int nworkers, int nparts, Oid fn_oid, Oid schema)
 }
 
 /*
+ * Refuse unless job is a running job led by this backend and owned by the
+ * current role.  The row is read with SPI as the current role: row-level
+ * security may hide other roles' jobs, which then "do not exist".  The
+ * query names everything by schema (the extension's, pg_catalog's
+ * operator), so search_path cannot redirect it.
+ */
+static void
+CheckJobIsOurs(int64 job, Oid schema)
+{
+	enum
+	{
+		JOB_OURS,
+		JOB_NOT_OURS,			/* missing, hidden, or another role's */
+		JOB_NOT_RUNNING,
+		JOB_OTHER_LEADER
+	}			verdict = JOB_OURS;
+	Oid			role = GetUserId();
+	char	   *nspname = get_namespace_name(schema);
+	StringInfoData sql;
+	Oid			types[1] = {INT8OID};
+	Datum		values[1];
+	int			leader = 0;
+	int			rc;
+
+	if (nspname == NULL)
+		elog(ERROR, "cache lookup failed for schema %u", schema);
+	initStringInfo(&sql);
+	appendStringInfo(&sql,
+					 "SELECT j.status, j.leader_pid, j.owner FROM %s.osv5m_jobs j"
+					 " WHERE j.job_id OPERATOR(pg_catalog.=) $1",
+					 quote_identifier(nspname));
+	values[0] = Int64GetDatum(job);
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	rc = SPI_execute_with_args(sql.data, 1, types, values, NULL, false, 1);
+	if (rc != SPI_OK_SELECT)
+		elog(ERROR, "reading osv5m_jobs failed: %s", SPI_result_code_string(rc));
+	if (SPI_processed == 0)
+		verdict = JOB_NOT_OURS;
+	else
+	{
+		HeapTuple	tup = SPI_tuptable->vals[0];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		bool		isnull[3];
+		Datum		status = SPI_getbinval(tup, desc, 1, &isnull[0]);
+		Datum		pid = SPI_getbinval(tup, desc, 2, &isnull[1]);
+		Datum		owner = SPI_getbinval(tup, desc, 3, &isnull[2]);
+
+		/* compared in C: no operator of anyone's choosing runs */
+		if (isnull[2] || DatumGetObjectId(owner) != role)
+			verdict = JOB_NOT_OURS;
+		else if (isnull[0] || strcmp(TextDatumGetCString(status), "running") != 0)
+			verdict = JOB_NOT_RUNNING;
+		else if (isnull[1] || DatumGetInt32(pid) != MyProcPid)
+		{
+			verdict = JOB_OTHER_LEADER;
+			leader = isnull[1] ? 0 : DatumGetInt32(pid);
+		}
+	}
+	SPI_finish();
+	if (verdict == JOB_OURS)
+		return;
+
+	/* another role's job reads as missing: its existence is not told */
+	ereport(ERROR,
+			(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+			 errmsg("permission denied to start background workers for osv5m_enrich job " INT64_FORMAT,
+					job),
+			 verdict == JOB_NOT_OURS ?
+			 errdetail("Role \"%s\" has no such job.", GetUserNameFromId(role, false)) :
+			 verdict == JOB_NOT_RUNNING ?
+			 errdetail("The job is not running.") :
+			 errdetail("The job is led by process %d, not by this one.", leader),
+			 errhint("Background workers are started by osv5m_enrich() in the session that runs it.")));
+}
+
+/*
+ * The osv5m enrich workers running as role in the whole cluster, as
+ * pg_stat_activity would show them (backend_type ENRICH_WORKER_TYPE,
+ * usesysid role), read afresh: the backend status snapshot is otherwise
+ * kept until the end of the transaction.  *seen (if pids) tells how many of
+ * pids[0..npids) are among them.
+ */
+static int
+CountRoleWorkers(Oid role, const pid_t *pids, int npids, int *seen)
+{
+	int			count = 0;
+	int			nbackends;
+
+	pgstat_clear_backend_activity_snapshot();
+	nbackends = pgstat_fetch_stat_numbackends();
+	if (seen != NULL)
+		*seen = 0;
+	for (int i = 1; i <= nbackends; i++)
+	{
+		LocalPgBackendStatus *local = pgstat_fetch_stat_local_beentry(i);
+		PgBackendStatus *be;
+		const char *type;
+
+		if (local == NULL)
+			continue;
+		be = &local->backendStatus;
+		if (be->st_backendType != B_BG_WORKER || be->st_userid != role)
+			continue;
+		type = GetBackgroundWorkerTypeByPid(be->st_procpid);
+		if (type == NULL || strcmp(type, ENRICH_WORKER_TYPE) != 0)
+			continue;
+		count++;
+		for (int k = 0; k < npids && seen != NULL; k++)
+			if (pids[k] == be->st_procpid)
+				(*seen)++;
+	}
+	pgstat_clear_backend_activity_snapshot();
+	return count;
+}
+
+/*
+ * Wait until every launched worker is counted by CountRoleWorkers or has
+ * stopped, so that the next launch of this role, which waits for our lock,
+ * counts them.  A worker shows there only once it has connected, a few
+ * milliseconds after the postmaster started it.
+ */
+static void
+WaitUntilCounted(Oid role)
+{
+	pid_t		pids[ENRICH_MAX_WORKERS];
+	int			npids = 0;
+	TimestampTz deadline;
+
+	for (int i = 0; i < launched_count; i++)
+	{
+		pid_t		pid;
+
+		if (WaitForBackgroundWorkerStartup(launched[i], &pid) == BGWH_STARTED)
+			pids[npids++] = pid;
+	}
+	deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+										   ENRICH_VISIBLE_TIMEOUT_MS);
+	for (;;)
+	{
+		int			seen;
+		int			stopped = 0;
+
+		CHECK_FOR_INTERRUPTS();
+		(void) CountRoleWorkers(role, pids, npids, &seen);
+		for (int i = 0; i < launched_count; i++)
+		{
+			pid_t		pid;
+
+			if (GetBackgroundWorkerPid(launched[i], &pid) == BGWH_STOPPED)
+				stopped++;
+		}
+		/* a stopped worker may still be counted: then it is in both */
+		if (seen + stopped >= npids)
+			return;
+		if (TimestampDifferenceMilliseconds(GetCurrentTimestamp(), deadline) <= 0)
+		{
+			elog(LOG, "osv5m: %d of %d background workers did not show in pg_stat_activity within %d ms",
+				 npids - seen - stopped, npids, ENRICH_VISIBLE_TIMEOUT_MS);
+			return;
+		}
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 5, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+	}
+}
+
+/*
  * osv5m_enrich_launch(job bigint, workers int) RETURNS int: start the
- * workers of a run and return how many started.  When the postmaster has
- * fewer free slots than asked, the rows are shared among those it has.
+ * workers of a run and return how many started.  Only for a running job
+ * that this backend leads and the current role owns (ERROR otherwise).
+ * The request is cut to osv5m.max_workers, less the workers the role
+ * already has running (a NOTICE says so); when the postmaster has fewer
+ * free slots than that, the rows are shared among those it has.
  */
 Datum
 osv5m_enrich_launch(PG_FUNCTION_ARGS)
@@ -203,6 +409,10 @@ osv5m_enrich_launch(PG_FUNCTION_ARGS)
 	int32		nworkers = PG_GETARG_INT32(1);
 	Oid			fn_oid = fcinfo->flinfo->fn_oid;
 	Oid			schema = get_func_namespace(fn_oid);
+	Oid			role = GetUserId();
+	LOCKTAG		tag;
+	int			running;
+	int			allowed;
 	int			n;
 
 	if (nworkers < 1 || nworkers > ENRICH_MAX_WORKERS)
@@ -215,6 +425,45 @@ osv5m_enrich_launch(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 				 errmsg("this session already runs osv5m_enrich job " INT64_FORMAT,
 						launched_job)));
+	if (!OidIsValid(schema))
+		elog(ERROR, "cache lookup failed for function %u", fn_oid);
+	CheckJobIsOurs(job, schema);
+
+	/*
+	 * One launch of this role at a time, until its workers are counted:
+	 * two launches counting at once would both see room for the same
+	 * workers.  A transaction lock, so that an error releases it.
+	 */
+	SET_LOCKTAG_ADVISORY(tag, InvalidOid, (uint32) role, ENRICH_LOCK_KEY, ENRICH_LOCK_CLASS);
+	(void) LockAcquire(&tag, ExclusiveLock, false, false);
+
+	running = CountRoleWorkers(role, NULL, 0, NULL);
+	allowed = Min(nworkers, Max(osv5m_max_workers - running, 0));
+	if (allowed < nworkers)
+	{
+		const char *rolename = GetUserNameFromId(role, false);
+
+		if (nworkers > osv5m_max_workers && running == 0)
+			ereport(NOTICE,
+					(errmsg("osv5m_enrich job " INT64_FORMAT ": background workers reduced from %d to %d",
+							job, nworkers, allowed),
+					 errdetail("osv5m.max_workers allows %d background workers per run and per role.",
+							   osv5m_max_workers),
+					 errhint("A superuser can raise osv5m.max_workers.")));
+		else
+			ereport(NOTICE,
+					(errmsg("osv5m_enrich job " INT64_FORMAT ": background workers reduced from %d to %d",
+							job, nworkers, allowed),
+					 errdetail("Role \"%s\" already has %d background workers running, and osv5m.max_workers allows %d per role.",
+							   rolename, running, osv5m_max_workers),
+					 errhint("Wait for the role's other runs to finish, or have a superuser raise osv5m.max_workers.")));
+	}
+	if (allowed == 0)
+	{
+		LockRelease(&tag, ExclusiveLock, false);
+		PG_RETURN_INT32(0);
+	}
+
 	if (!callbacks_registered)
 	{
 		RegisterXactCallback(EnrichXactCallback, NULL);
@@ -223,11 +472,11 @@ osv5m_enrich_launch(PG_FUNCTION_ARGS)
 	}
 
 	launched_job = job;
-	n = RegisterWorkers(job, nworkers, nworkers, fn_oid, schema);
-	if (n > 0 && n < nworkers)
+	n = RegisterWorkers(job, allowed, allowed, fn_oid, schema);
+	if (n > 0 && n < allowed)
 	{
 		/*
-		 * Too few slots: the rows were split nworkers ways, so some shares
+		 * Too few slots: the rows were split `allowed` ways, so some shares
 		 * have no worker.  Stop those started and split the rows again
 		 * among as many as there are.  Whatever the stopped ones did is
 		 * committed or rolled back whole, so nothing is lost or doubled.
@@ -243,6 +492,8 @@ osv5m_enrich_launch(PG_FUNCTION_ARGS)
 	}
 	if (n == 0)
 		launched_job = 0;
+	WaitUntilCounted(role);
+	LockRelease(&tag, ExclusiveLock, false);
 	PG_RETURN_INT32(n);
 }
 
@@ -250,7 +501,9 @@ osv5m_enrich_launch(PG_FUNCTION_ARGS)
  * osv5m_enrich_wait(job bigint, timeout_ms int) RETURNS int: wait until the
  * run's workers have all stopped or timeout_ms has passed; returns how many
  * are still running.  Interruptible: a cancel raises here, the transaction
- * aborts and EnrichXactCallback stops the workers.
+ * aborts and EnrichXactCallback stops the workers.  Only this backend's
+ * workers of job are waited for: for any other job (another backend's, or
+ * one whose workers have all stopped) it returns 0 at once.
  */
 Datum
 osv5m_enrich_wait(PG_FUNCTION_ARGS)
@@ -298,7 +551,12 @@ osv5m_enrich_wait(PG_FUNCTION_ARGS)
 	}
 }
 
-/* osv5m_enrich_terminate(job bigint): stop the run's workers now. */
+/*
+ * osv5m_enrich_terminate(job bigint): stop the run's workers now.  Only
+ * workers this backend launched for job: for any other job it does
+ * nothing (no error, since the procedure calls it after its workers may
+ * all have stopped).
+ */
 Datum
 osv5m_enrich_terminate(PG_FUNCTION_ARGS)
 {

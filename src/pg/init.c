@@ -21,6 +21,7 @@ char	   *osv5m_model_path = NULL;
 int			osv5m_threads = 1;
 int			osv5m_max_pixels = (int) OSV_DEFAULT_MAX_PIXELS;
 int			osv5m_images_per_run = 4;
+int			osv5m_max_workers = 4;
 
 void		_PG_init(void);
 
@@ -100,6 +101,24 @@ _PG_init(void)
 							&osv5m_images_per_run,
 							4, 1, 64,
 							PGC_USERSET,
+							0,
+							NULL, NULL, NULL);
+
+	/*
+	 * Superuser-only: each background worker takes a max_worker_processes
+	 * slot (shared with parallel query) and a core, so whoever may raise
+	 * the limit may take them all.  Why 4: half of max_worker_processes'
+	 * default of 8, leaving the rest to parallel query and other roles.
+	 */
+	DefineCustomIntVariable("osv5m.max_workers",
+							"Most background workers one osv5m_enrich run may start, and one role may have running at once.",
+							"Range 1 to 64; default 4.  A larger request, or one that would "
+							"take the role's running workers past this, is reduced with a "
+							"NOTICE (to none when the role already has this many); the "
+							"calling backend does the rest of the work.",
+							&osv5m_max_workers,
+							4, 1, 64,
+							PGC_SUSET,
 							0,
 							NULL, NULL, NULL);
 

@@ -21,6 +21,7 @@ extern char *osv5m_model_path;	/* osv5m.model_path, "" when unset */
 extern int	osv5m_threads;		/* osv5m.threads */
 extern int	osv5m_max_pixels;	/* osv5m.max_pixels */
 extern int	osv5m_images_per_run;	/* osv5m.images_per_run */
+extern int	osv5m_max_workers;	/* osv5m.max_workers */
 
 /* ---- the per-backend model cache (cache.c) ------------------------- */
 
