@@ -32,6 +32,12 @@
 --     a geometry column (SRID 4326) whose ST_Covers holds exactly the
 --     points whose latitude and longitude lie inside the cell; the
 --     geography rectangles (edges are great-circle arcs) are kept.
+--  5. Scale out: when dblink is installed, the postgres_fdw foreign
+--     tables of a run are enriched by their own servers, each by its own
+--     osv5m_enrich started over dblink, concurrently with the local
+--     tables (osv5m_job_remotes, osv5m_remote_progress(),
+--     osv5m_remote_errors(); README, Scaling out).  Foreign tables of
+--     other wrappers are refused.
 
 -- complain if script is sourced in psql, rather than via ALTER EXTENSION
 \echo Use "ALTER EXTENSION osv5m UPDATE" to load this file. \quit
@@ -411,6 +417,9 @@ BEGIN
 		CONTINUE WHEN NOT EXISTS (SELECT FROM pg_catalog.pg_class c WHERE c.oid = leaf);
 		CONTINUE WHEN worker > 0 AND
 			(SELECT c.relkind FROM pg_catalog.pg_class c WHERE c.oid = leaf) = 'f';
+		-- a foreign table its own server enriches (osv5m_remote_start)
+		CONTINUE WHEN EXISTS (SELECT FROM @extschema@.osv5m_job_remotes r
+							  WHERE r.job_id = job AND r.foreign_table = leaf);
 		k := @extschema@.osv5m_row_key(leaf);
 		-- geography or geometry, schema-qualified (this search_path sees
 		-- neither), for the cast of the value written
@@ -615,6 +624,12 @@ DECLARE
 	e_detail	text;
 	e_hint		text;
 	caller_path text;
+	dbl			text;
+	fl			record;
+	remote_leaves regclass[] := '{}';
+	remotes		integer := 0;
+	r_done		numeric;
+	r_failed	numeric;
 BEGIN
 	-- Fails at once, before any work, when called inside a transaction
 	-- block, where the batches could not be committed one by one.
@@ -665,6 +680,24 @@ BEGIN
 	-- the rows live in these tables; the run works on them, and on no
 	-- other, whatever is attached or detached while it runs
 	leaves := @extschema@.osv5m_leaf_tables(tbl);
+	-- Foreign tables: with dblink installed, those of postgres_fdw are
+	-- enriched by their own server (osv5m_remote_start), else by this
+	-- backend through postgres_fdw; other wrappers are refused (a ctid
+	-- names no row there, and they do not run osv5m).
+	dbl := @extschema@.osv5m_dblink_schema();
+	FOR fl IN SELECT * FROM @extschema@.osv5m_foreign_leaves(leaves, image_column, target_column) LOOP
+		IF fl.wrapper <> 'postgres_fdw' THEN
+			RAISE EXCEPTION 'osv5m_enrich does not support foreign table % (server %, foreign-data wrapper %)',
+				fl.foreign_table, fl.server, fl.wrapper
+				USING ERRCODE = 'feature_not_supported',
+					  HINT = pg_catalog.format('Run osv5m_enrich on the server that holds its rows, or give it a postgres_fdw '
+						  'foreign table; a wrapper that can write may also take UPDATE %s SET %I = geolocate(%I) WHERE %I IS NULL.',
+						  fl.foreign_table, target_column, image_column, target_column);
+		END IF;
+		IF dbl IS NOT NULL THEN
+			remote_leaves := remote_leaves || fl.foreign_table;
+		END IF;
+	END LOOP;
 
 	-- ---- register the run ----
 	IF retry_errors THEN
@@ -675,6 +708,8 @@ BEGIN
 	UPDATE @extschema@.osv5m_jobs j SET status = 'interrupted'
 	 WHERE j.status = 'running' AND NOT @extschema@.osv5m_job_alive(j.leader_pid, j.started_at);
 	FOREACH leaf IN ARRAY leaves LOOP
+		-- (their own servers count their rows)
+		CONTINUE WHEN leaf = ANY (remote_leaves);
 		k := @extschema@.osv5m_row_key(leaf);
 		EXECUTE pg_catalog.format(
 			'SELECT pg_catalog.count(*) FROM ONLY %2$s t WHERE t.%3$I IS NULL AND t.%4$I IS NOT NULL'
@@ -705,6 +740,30 @@ BEGIN
 	COMMIT;
 	PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
 
+	-- ---- the foreign tables on their own servers, started first: they
+	-- run while this server works on its own tables ----
+	IF pg_catalog.cardinality(remote_leaves) > 0 THEN
+		e_state := NULL;
+		BEGIN
+			remotes := @extschema@.osv5m_remote_start(job, remote_leaves, workers, retry_errors);
+		EXCEPTION WHEN OTHERS THEN
+			GET STACKED DIAGNOSTICS e_state = RETURNED_SQLSTATE, e_msg = MESSAGE_TEXT,
+				e_detail = PG_EXCEPTION_DETAIL, e_hint = PG_EXCEPTION_HINT;
+		END;
+		IF e_state IS NOT NULL THEN
+			PERFORM @extschema@.osv5m_remote_stop(job);
+			UPDATE @extschema@.osv5m_jobs SET status = 'failed', error = e_msg,
+				   finished_at = pg_catalog.clock_timestamp()
+			 WHERE job_id = job;
+			COMMIT;
+			PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+			PERFORM @extschema@.osv5m_reraise(e_state, e_msg, e_detail, e_hint);
+		END IF;
+		RAISE NOTICE 'osv5m_enrich job %: % foreign tables started on their own servers', job, remotes;
+		COMMIT;
+		PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+	END IF;
+
 	-- ---- background workers, if asked: the caller waits and reports ----
 	IF workers > 1 AND total > 0 THEN
 		started := @extschema@.osv5m_enrich_launch(job, workers);
@@ -720,11 +779,17 @@ BEGIN
 		WHILE started > 0 LOOP
 			-- one short transaction per second: the caller holds no
 			-- snapshot for long, so VACUUM can clean up behind the workers
-			running := @extschema@.osv5m_enrich_wait(job, 1000);
+			BEGIN
+				running := @extschema@.osv5m_enrich_wait(job, 1000);
+			EXCEPTION WHEN query_canceled THEN
+				PERFORM @extschema@.osv5m_remote_stop(job);
+				RAISE;
+			END;
 			SELECT * INTO f FROM @extschema@.osv5m_job_workers w
 			 WHERE w.job_id = job AND w.status = 'failed' ORDER BY w.worker LIMIT 1;
 			IF FOUND THEN
 				PERFORM @extschema@.osv5m_enrich_terminate(job);
+				PERFORM @extschema@.osv5m_remote_stop(job, 'a worker of the coordinator failed');
 				UPDATE @extschema@.osv5m_jobs SET status = 'failed', error = f.message,
 					   finished_at = pg_catalog.clock_timestamp()
 				 WHERE job_id = job;
@@ -751,13 +816,18 @@ BEGIN
 		e_state := NULL;
 		BEGIN
 			res := @extschema@.osv5m_enrich_batch(job, 0, 1, caller_path);
-		EXCEPTION WHEN OTHERS THEN
+		EXCEPTION WHEN query_canceled THEN
+			-- the remote runs stop with this one
+			PERFORM @extschema@.osv5m_remote_stop(job);
+			RAISE;
+		WHEN OTHERS THEN
 			-- keep the error, commit the run's status, then raise it again
 			-- (a transaction cannot end inside a block with handlers)
 			GET STACKED DIAGNOSTICS e_state = RETURNED_SQLSTATE, e_msg = MESSAGE_TEXT,
 				e_detail = PG_EXCEPTION_DETAIL, e_hint = PG_EXCEPTION_HINT;
 		END;
 		IF e_state IS NOT NULL THEN
+			PERFORM @extschema@.osv5m_remote_stop(job, 'the coordinator failed');
 			UPDATE @extschema@.osv5m_jobs SET status = 'failed', error = e_msg,
 				   finished_at = pg_catalog.clock_timestamp()
 			 WHERE job_id = job;
@@ -770,6 +840,52 @@ BEGIN
 		EXIT WHEN res.done + res.failed = 0;
 		RAISE NOTICE '%', @extschema@.osv5m_progress_line(job);
 	END LOOP;
+
+	-- ---- the remote runs: wait for each, collect how it ended ----
+	WHILE remotes > 0 LOOP
+		BEGIN
+			remotes := @extschema@.osv5m_remote_poll(job);
+			IF remotes > 0 THEN
+				PERFORM pg_catalog.pg_sleep(0.2);
+			END IF;
+		EXCEPTION WHEN query_canceled THEN
+			PERFORM @extschema@.osv5m_remote_stop(job);
+			RAISE;
+		END;
+		IF remotes > 0 AND pg_catalog.clock_timestamp() - last_notice >= interval '10 seconds' THEN
+			RAISE NOTICE 'osv5m_enrich job %: waiting for % server(s) (osv5m_remote_progress(%))', job, remotes,
+				pg_catalog.quote_literal(tbl::text);
+			last_notice := pg_catalog.clock_timestamp();
+		END IF;
+		COMMIT;
+		PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+	END LOOP;
+	SELECT pg_catalog.count(*), pg_catalog.min(r.sqlstate),
+		   pg_catalog.string_agg(pg_catalog.format('server %s (foreign table %s): %s', r.server, r.foreign_table,
+													   pg_catalog.split_part(r.message, E'\n', 1)),
+								 '; ' ORDER BY r.foreign_table)
+	  INTO n, e_state, e_msg
+	  FROM @extschema@.osv5m_job_remotes r
+	 WHERE r.job_id = job AND r.status <> 'done';
+	IF n > 0 THEN
+		PERFORM @extschema@.osv5m_enrich_worker_done(job, 0);
+		UPDATE @extschema@.osv5m_jobs SET status = 'failed', error = e_msg,
+			   finished_at = pg_catalog.clock_timestamp()
+		 WHERE job_id = job;
+		COMMIT;
+		PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+		PERFORM @extschema@.osv5m_reraise(coalesce(e_state, 'XX000'),
+			pg_catalog.format('osv5m_enrich job %s: %s server run(s) failed: %s', job, n, e_msg), NULL,
+			'The rest of the table was enriched.  Bring the server back and CALL osv5m_enrich again: '
+			'each server continues where it stopped (osv5m_remote_progress, osv5m_remote_errors).');
+	END IF;
+	SELECT pg_catalog.count(*), pg_catalog.sum(r.rows_done), pg_catalog.sum(r.rows_failed)
+	  INTO n, r_done, r_failed
+	  FROM @extschema@.osv5m_job_remotes r WHERE r.job_id = job;
+	IF n > 0 THEN
+		RAISE NOTICE 'osv5m_enrich job %: % server(s) done: % rows done, % failed there', job, n,
+			coalesce(r_done, 0), coalesce(r_failed, 0);
+	END IF;
 
 	PERFORM @extschema@.osv5m_enrich_worker_done(job, 0);
 	UPDATE @extschema@.osv5m_jobs SET status = 'done', finished_at = pg_catalog.clock_timestamp()
@@ -875,3 +991,443 @@ END;
 
 COMMENT ON FUNCTION @extschema@.geolocate_topk(bytea, int) IS
 'the k most likely quadtree cells of a photo, best first, each with its regressed point, its rectangle (geography) and its exact latitude/longitude box (geometry, SRID 4326)';
+
+-- ==== scale out: foreign partitions enriched on their own servers ====
+--
+-- A run whose tables include postgres_fdw foreign tables, in a database
+-- where the dblink extension is installed, does not pull their images
+-- through postgres_fdw: for each such table it starts the remote server's
+-- own osv5m_enrich on the remote table, over a dblink connection made
+-- with the foreign server's user mapping, and works on its local tables
+-- meanwhile.  Each remote run commits its own batches and records its own
+-- bad rows in that server's osv5m_errors; a rerun continues where each one
+-- stopped.  Without dblink, foreign tables are enriched by the calling
+-- backend through postgres_fdw, as before (README, Scaling out).
+
+-- One row per foreign table of a run handed to its server.
+CREATE TABLE @extschema@.osv5m_job_remotes (
+	job_id		bigint NOT NULL REFERENCES @extschema@.osv5m_jobs ON DELETE CASCADE,
+	foreign_table regclass NOT NULL,
+	server		name NOT NULL,		-- the foreign server
+	remote_table text NOT NULL,		-- schema-qualified, quoted, on that server
+	status		text NOT NULL DEFAULT 'running'
+		CHECK (status IN ('running', 'done', 'failed', 'cancelled')),
+	remote_job_id bigint,			-- the job on that server, once known
+	rows_done	bigint,				-- as that server's osv5m_progress said at the end
+	rows_failed bigint,
+	started_at	timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+	finished_at timestamptz,
+	sqlstate	text,				-- of the error that stopped it
+	message		text,
+	detail		text,
+	hint		text,
+	PRIMARY KEY (job_id, foreign_table)
+);
+COMMENT ON TABLE @extschema@.osv5m_job_remotes IS
+'foreign tables of an osv5m_enrich() run enriched by their own server (postgres_fdw + dblink), one row each';
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.osv5m_job_remotes', '');
+
+ALTER TABLE @extschema@.osv5m_job_remotes ENABLE ROW LEVEL SECURITY;
+CREATE POLICY osv5m_own_job_remotes ON @extschema@.osv5m_job_remotes
+	USING (EXISTS (SELECT FROM @extschema@.osv5m_jobs j
+				   WHERE j.job_id = osv5m_job_remotes.job_id
+					 AND j.owner = pg_catalog.to_regrole(pg_catalog.quote_ident(CURRENT_USER))))
+	WITH CHECK (EXISTS (SELECT FROM @extschema@.osv5m_jobs j
+						WHERE j.job_id = osv5m_job_remotes.job_id
+						  AND j.owner = pg_catalog.to_regrole(pg_catalog.quote_ident(CURRENT_USER))));
+CREATE POLICY osv5m_monitor_job_remotes ON @extschema@.osv5m_job_remotes FOR SELECT
+	USING (pg_catalog.pg_has_role('pg_monitor', 'USAGE'));
+REVOKE ALL ON @extschema@.osv5m_job_remotes FROM PUBLIC;
+GRANT SELECT, INSERT, DELETE ON @extschema@.osv5m_job_remotes TO PUBLIC;
+GRANT UPDATE (status, remote_job_id, rows_done, rows_failed, finished_at,
+			  sqlstate, message, detail, hint) ON @extschema@.osv5m_job_remotes TO PUBLIC;
+
+-- The schema of dblink in this database, or NULL when it is not installed.
+CREATE FUNCTION @extschema@.osv5m_dblink_schema()
+RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+	SELECT n.nspname::text
+	  FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace
+	 WHERE e.extname = 'dblink'
+$$;
+
+-- The foreign tables among tables: their server, its wrapper, and the
+-- remote table (options schema_name and table_name, defaulting to the
+-- foreign table's own schema and name) with the remote names of two
+-- columns (option column_name, defaulting to the column's name).
+CREATE FUNCTION @extschema@.osv5m_foreign_leaves(tables regclass[], image_column name, target_column name)
+RETURNS TABLE(foreign_table regclass, server name, wrapper name, remote_table text,
+			  remote_image_column text, remote_target_column text)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+	SELECT c.oid::regclass, s.srvname, w.fdwname,
+		   pg_catalog.format('%I.%I',
+			   coalesce((SELECT o.option_value FROM pg_catalog.pg_options_to_table(ft.ftoptions) o
+						  WHERE o.option_name = 'schema_name'), n.nspname::text),
+			   coalesce((SELECT o.option_value FROM pg_catalog.pg_options_to_table(ft.ftoptions) o
+						  WHERE o.option_name = 'table_name'), c.relname::text)),
+		   (SELECT coalesce((SELECT o.option_value FROM pg_catalog.pg_options_to_table(a.attfdwoptions) o
+							  WHERE o.option_name = 'column_name'), a.attname::text)
+			  FROM pg_catalog.pg_attribute a
+			 WHERE a.attrelid = c.oid AND a.attname = $2 AND NOT a.attisdropped),
+		   (SELECT coalesce((SELECT o.option_value FROM pg_catalog.pg_options_to_table(a.attfdwoptions) o
+							  WHERE o.option_name = 'column_name'), a.attname::text)
+			  FROM pg_catalog.pg_attribute a
+			 WHERE a.attrelid = c.oid AND a.attname = $3 AND NOT a.attisdropped)
+	  FROM pg_catalog.unnest($1) AS t(rel)
+	  JOIN pg_catalog.pg_class c ON c.oid = t.rel
+	  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+	  JOIN pg_catalog.pg_foreign_table ft ON ft.ftrelid = c.oid
+	  JOIN pg_catalog.pg_foreign_server s ON s.oid = ft.ftserver
+	  JOIN pg_catalog.pg_foreign_data_wrapper w ON w.oid = s.srvfdw
+	 ORDER BY c.oid
+$$;
+
+-- The schema of osv5m on the server behind dblink connection (or foreign
+-- server name) conn; NULL when osv5m is not installed there.
+CREATE FUNCTION @extschema@.osv5m_remote_schema(conn text)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	s	text;
+BEGIN
+	EXECUTE pg_catalog.format('SELECT t.s FROM %I.dblink($1, $2) AS t(s text)', @extschema@.osv5m_dblink_schema())
+	INTO s
+	USING conn, 'SELECT n.nspname::text FROM pg_catalog.pg_extension e'
+				' JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = ''osv5m''';
+	RETURN s;
+END
+$$;
+
+-- What identifies a model across servers: the weights' SHA-256 when
+-- osv5m_model_info() reports one, else its file size and architecture
+-- (paths and load times differ from server to server and are left out).
+CREATE FUNCTION @extschema@.osv5m_model_fingerprint(info jsonb)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+	SELECT CASE WHEN $1 ? 'weights_sha256' THEN 'sha256 ' || ($1 ->> 'weights_sha256')
+				ELSE pg_catalog.format('%s bytes, %s, %s layers x %s, %s heads, %s cells, %s parameters, %s',
+						 $1 ->> 'file_size', $1 ->> 'dtype', $1 ->> 'num_layers', $1 ->> 'hidden_size',
+						 $1 ->> 'num_heads', $1 ->> 'num_cells', $1 ->> 'num_parameters', $1 ->> 'hidden_act') END
+$$;
+
+-- Cancel and close this session's dblink connections of osv5m runs:
+-- those of job (every job when NULL), marking their servers 'cancelled'
+-- with why.  A remote run cancelled this way rolls back its current batch
+-- only; a rerun continues it.
+CREATE FUNCTION @extschema@.osv5m_remote_stop(job bigint, why text DEFAULT 'cancelled by the coordinator')
+RETURNS integer
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	dbl		text := @extschema@.osv5m_dblink_schema();
+	conns	text[];
+	c		text;
+	n		integer := 0;
+BEGIN
+	IF dbl IS NULL THEN
+		RETURN 0;
+	END IF;
+	EXECUTE pg_catalog.format('SELECT %I.dblink_get_connections()', dbl) INTO conns;
+	FOREACH c IN ARRAY coalesce(conns, '{}') LOOP
+		CONTINUE WHEN c NOT LIKE 'osv5m\_%\_%';
+		CONTINUE WHEN job IS NOT NULL AND c NOT LIKE 'osv5m\_' || job || '\_%';
+		BEGIN
+			EXECUTE pg_catalog.format('SELECT %I.dblink_cancel_query($1)', dbl) USING c;
+		EXCEPTION WHEN OTHERS THEN
+			NULL;		-- a lost connection has nothing to cancel
+		END;
+		EXECUTE pg_catalog.format('SELECT %I.dblink_disconnect($1)', dbl) USING c;
+		UPDATE @extschema@.osv5m_job_remotes r
+		   SET status = 'cancelled', message = why, finished_at = pg_catalog.clock_timestamp()
+		 WHERE r.status = 'running'
+		   AND r.job_id = pg_catalog.split_part(c, '_', 2)::bigint
+		   AND r.foreign_table = pg_catalog.split_part(c, '_', 3)::oid::regclass;
+		n := n + 1;
+	END LOOP;
+	RETURN n;
+END
+$$;
+
+-- Start the remote runs of job on its postgres_fdw foreign tables
+-- (remote_leaves), asynchronously.  First every server is checked: it
+-- answers, it has osv5m, and its model is the one this server loads (when
+-- this server has a model).  Nothing is started unless all pass.
+CREATE FUNCTION @extschema@.osv5m_remote_start(job bigint, remote_leaves regclass[],
+									workers integer, retry_errors boolean)
+RETURNS integer
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	dbl			text := @extschema@.osv5m_dblink_schema();
+	j			@extschema@.osv5m_jobs;
+	f			record;
+	conn		text;
+	ext_schema	text;
+	info		text;
+	here		text;
+	fp			text;
+	differ		text[] := '{}';
+	servers		jsonb := '{}';
+	n			integer := 0;
+	e_msg		text;
+BEGIN
+	SELECT * INTO j FROM @extschema@.osv5m_jobs x WHERE x.job_id = job;
+	-- connections a cancelled run of this session left open
+	PERFORM @extschema@.osv5m_remote_stop(NULL, 'the session started another run');
+	BEGIN
+		here := @extschema@.osv5m_model_fingerprint(@extschema@.osv5m_model_info());
+	EXCEPTION WHEN OTHERS THEN
+		here := NULL;	-- no model here: the servers are compared among themselves
+	END;
+	FOR f IN SELECT * FROM @extschema@.osv5m_foreign_leaves(remote_leaves, j.image_column, j.target_column)
+	LOOP
+		conn := pg_catalog.format('osv5m_%s_%s', job, f.foreign_table::oid);
+		BEGIN
+			EXECUTE pg_catalog.format('SELECT %I.dblink_connect($1, $2)', dbl) USING conn, f.server::text;
+		EXCEPTION WHEN OTHERS THEN
+			GET STACKED DIAGNOSTICS e_msg = MESSAGE_TEXT;
+			PERFORM @extschema@.osv5m_remote_stop(job);
+			RAISE EXCEPTION 'osv5m_enrich job %: cannot connect to server % (foreign table %): %',
+				job, f.server, f.foreign_table, e_msg
+				USING ERRCODE = 'connection_exception',
+					  HINT = 'Start that server, or check its user mapping; a run continues where the last one stopped.';
+		END;
+		ext_schema := @extschema@.osv5m_remote_schema(conn);
+		IF ext_schema IS NULL THEN
+			PERFORM @extschema@.osv5m_remote_stop(job);
+			RAISE EXCEPTION 'osv5m_enrich job %: server % (foreign table %) has no osv5m extension', job, f.server, f.foreign_table
+				USING ERRCODE = 'feature_not_supported',
+					  HINT = 'Run CREATE EXTENSION osv5m CASCADE there, with osv5m.model_path set in its postgresql.conf; '
+							 'or drop the extension dblink here to geolocate its rows on this server through postgres_fdw.';
+		END IF;
+		BEGIN
+			EXECUTE pg_catalog.format('SELECT t.i FROM %I.dblink($1, $2) AS t(i text)', dbl)
+			INTO info
+			USING conn, pg_catalog.format('SELECT %I.osv5m_model_info()::text', ext_schema);
+		EXCEPTION WHEN OTHERS THEN
+			GET STACKED DIAGNOSTICS e_msg = MESSAGE_TEXT;
+			PERFORM @extschema@.osv5m_remote_stop(job);
+			RAISE EXCEPTION 'osv5m_enrich job %: server % cannot load its model: %', job, f.server, e_msg
+				USING ERRCODE = 'object_not_in_prerequisite_state',
+					  HINT = 'Set osv5m.model_path on that server (ALTER SYSTEM SET osv5m.model_path = ''...''; SELECT pg_reload_conf();).';
+		END;
+		fp := @extschema@.osv5m_model_fingerprint(info::jsonb);
+		servers := servers || pg_catalog.jsonb_build_object(f.server::text, fp);
+		here := coalesce(here, fp);
+		IF fp IS DISTINCT FROM here AND NOT f.server::text = ANY (differ) THEN
+			differ := differ || f.server::text;
+		END IF;
+		INSERT INTO @extschema@.osv5m_job_remotes (job_id, foreign_table, server, remote_table)
+		VALUES (job, f.foreign_table, f.server, f.remote_table);
+	END LOOP;
+	IF pg_catalog.cardinality(differ) > 0 THEN
+		PERFORM @extschema@.osv5m_remote_stop(job, 'not started: model mismatch');
+		RAISE EXCEPTION 'osv5m_enrich job %: the model differs on server(s) %', job, pg_catalog.array_to_string(differ, ', ')
+			USING ERRCODE = 'object_not_in_prerequisite_state',
+				  DETAIL = pg_catalog.format('Expected %s; servers: %s.', here, servers),
+				  HINT = 'Give every server the same model (osv5m.model_path), then run osv5m_enrich again.';
+	END IF;
+
+	-- every server passed: start them all
+	FOR f IN SELECT r.*, x.remote_image_column, x.remote_target_column
+			   FROM @extschema@.osv5m_job_remotes r
+			   JOIN @extschema@.osv5m_foreign_leaves(remote_leaves, j.image_column, j.target_column) x
+				 ON x.foreign_table = r.foreign_table
+			  WHERE r.job_id = job ORDER BY r.foreign_table
+	LOOP
+		conn := pg_catalog.format('osv5m_%s_%s', job, f.foreign_table::oid);
+		ext_schema := @extschema@.osv5m_remote_schema(conn);
+		-- quiet (no NOTICE per batch in this server's log), named in the
+		-- remote pg_stat_activity, and stopped soon if this session dies
+		EXECUTE pg_catalog.format('SELECT %I.dblink_exec($1, $2)', dbl)
+		USING conn, pg_catalog.format(
+			'SET client_min_messages = warning; SET application_name = %L; SET client_connection_check_interval = ''1s''',
+			pg_catalog.format('osv5m_enrich job %s', job));
+		EXECUTE pg_catalog.format('SELECT %I.dblink_send_query($1, $2)', dbl)
+		USING conn, pg_catalog.format(
+			'CALL %I.osv5m_enrich(%L::regclass, %L, %L, batch_size => %s, workers => %s, on_error => %L, retry_errors => %L)',
+			ext_schema, f.remote_table, f.remote_image_column, f.remote_target_column,
+			j.batch_size, workers, j.on_error, retry_errors);
+		n := n + 1;
+	END LOOP;
+	RETURN n;
+END
+$$;
+
+-- Collect the remote runs of job that finished (without waiting); returns
+-- how many still run.  A remote error, a lost connection included, marks
+-- that server 'failed' with the error; the others go on.
+CREATE FUNCTION @extschema@.osv5m_remote_poll(job bigint)
+RETURNS integer
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	dbl			text := @extschema@.osv5m_dblink_schema();
+	r			record;
+	conn		text;
+	busy		integer;
+	running		integer := 0;
+	r_job		bigint;
+	r_done		bigint;
+	r_failed	bigint;
+	e_state		text;
+	e_msg		text;
+	e_detail	text;
+	e_hint		text;
+BEGIN
+	FOR r IN SELECT * FROM @extschema@.osv5m_job_remotes x
+			  WHERE x.job_id = job AND x.status = 'running' ORDER BY x.foreign_table
+	LOOP
+		conn := pg_catalog.format('osv5m_%s_%s', job, r.foreign_table::oid);
+		e_state := NULL;
+		BEGIN
+			EXECUTE pg_catalog.format('SELECT %I.dblink_is_busy($1)', dbl) INTO busy USING conn;
+			IF busy = 1 THEN
+				running := running + 1;
+				CONTINUE;
+			END IF;
+			-- the CALL's status, then the end of its results
+			EXECUTE pg_catalog.format('SELECT pg_catalog.count(*) FROM %I.dblink_get_result($1) AS t(s text)', dbl) USING conn;
+			EXECUTE pg_catalog.format('SELECT pg_catalog.count(*) FROM %I.dblink_get_result($1) AS t(s text)', dbl) USING conn;
+		EXCEPTION WHEN OTHERS THEN
+			GET STACKED DIAGNOSTICS e_state = RETURNED_SQLSTATE, e_msg = MESSAGE_TEXT,
+				e_detail = PG_EXCEPTION_DETAIL, e_hint = PG_EXCEPTION_HINT;
+		END;
+		-- that server's own account of its run (not when it is gone)
+		r_job := NULL;
+		r_done := NULL;
+		r_failed := NULL;
+		BEGIN
+			EXECUTE pg_catalog.format(
+				'SELECT * FROM %I.dblink($1, $2) AS t(job_id bigint, rows_done bigint, rows_failed bigint)', dbl)
+			INTO r_job, r_done, r_failed
+			USING conn, pg_catalog.format(
+				'SELECT p.job_id, p.rows_done, p.rows_failed FROM %I.osv5m_progress p'
+				' WHERE p.table_name = pg_catalog.to_regclass(%L) ORDER BY p.job_id DESC LIMIT 1',
+				@extschema@.osv5m_remote_schema(conn), r.remote_table);
+		EXCEPTION WHEN OTHERS THEN
+			NULL;
+		END;
+		BEGIN
+			EXECUTE pg_catalog.format('SELECT %I.dblink_disconnect($1)', dbl) USING conn;
+		EXCEPTION WHEN OTHERS THEN
+			NULL;
+		END;
+		UPDATE @extschema@.osv5m_job_remotes x
+		   SET status = CASE WHEN e_state IS NULL THEN 'done' ELSE 'failed' END,
+			   sqlstate = e_state, message = e_msg, detail = nullif(e_detail, ''), hint = nullif(e_hint, ''),
+			   remote_job_id = r_job, rows_done = r_done, rows_failed = r_failed,
+			   finished_at = pg_catalog.clock_timestamp()
+		 WHERE x.job_id = job AND x.foreign_table = r.foreign_table;
+	END LOOP;
+	RETURN running;
+END
+$$;
+
+-- Each foreign table of tbl (postgres_fdw), with its server's account of
+-- the latest osv5m_enrich run on the remote table, asked over dblink now.
+-- A server that does not answer is listed with status 'unreachable'.
+CREATE FUNCTION @extschema@.osv5m_remote_progress(tbl regclass)
+RETURNS TABLE(server name, foreign_table regclass, remote_table text, remote_job_id bigint,
+			  status text, rows_done bigint, rows_failed bigint, rows_left bigint,
+			  rows_per_second numeric, updated_at timestamptz, error text)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	dbl		text := @extschema@.osv5m_dblink_schema();
+	f		record;
+	p		record;
+BEGIN
+	IF dbl IS NULL THEN
+		RAISE EXCEPTION 'osv5m_remote_progress needs the dblink extension'
+			USING ERRCODE = 'feature_not_supported', HINT = 'CREATE EXTENSION dblink;';
+	END IF;
+	FOR f IN SELECT * FROM @extschema@.osv5m_foreign_leaves(@extschema@.osv5m_leaf_tables(tbl), NULL, NULL) x
+			  WHERE x.wrapper = 'postgres_fdw'
+	LOOP
+		server := f.server;
+		foreign_table := f.foreign_table;
+		remote_table := f.remote_table;
+		BEGIN
+			EXECUTE pg_catalog.format(
+				'SELECT * FROM %I.dblink($1, $2) AS t(job_id bigint, status text, rows_done bigint, rows_failed bigint,'
+				' rows_left bigint, rows_per_second numeric, updated_at timestamptz, error text)', dbl)
+			INTO p
+			USING f.server::text, pg_catalog.format(
+				'SELECT p.job_id, p.status, p.rows_done, p.rows_failed, p.rows_left, p.rows_per_second, p.updated_at, p.error'
+				' FROM %I.osv5m_progress p WHERE p.table_name = pg_catalog.to_regclass(%L)'
+				' ORDER BY p.job_id DESC LIMIT 1',
+				@extschema@.osv5m_remote_schema(f.server::text), f.remote_table);
+			remote_job_id := p.job_id;
+			status := coalesce(p.status, 'never run');
+			rows_done := p.rows_done;
+			rows_failed := p.rows_failed;
+			rows_left := p.rows_left;
+			rows_per_second := p.rows_per_second;
+			updated_at := p.updated_at;
+			error := p.error;
+		EXCEPTION WHEN OTHERS THEN
+			remote_job_id := NULL;
+			status := 'unreachable';
+			rows_done := NULL;
+			rows_failed := NULL;
+			rows_left := NULL;
+			rows_per_second := NULL;
+			updated_at := NULL;
+			GET STACKED DIAGNOSTICS error = MESSAGE_TEXT;
+		END;
+		RETURN NEXT;
+	END LOOP;
+END
+$$;
+
+-- The rows of tbl's foreign tables (postgres_fdw) that their servers
+-- recorded as errors, asked over dblink now.  A server that does not
+-- answer gives a WARNING and no rows.  To retry them: CALL
+-- osv5m_enrich(..., retry_errors => true) on the coordinator.
+CREATE FUNCTION @extschema@.osv5m_remote_errors(tbl regclass)
+RETURNS TABLE(server name, foreign_table regclass, remote_table text, key_column text, row_key text,
+			  image_md5 text, sqlstate text, message text, detail text, remote_job_id bigint,
+			  recorded_at timestamptz)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	dbl		text := @extschema@.osv5m_dblink_schema();
+	f		record;
+	e_msg	text;
+BEGIN
+	IF dbl IS NULL THEN
+		RAISE EXCEPTION 'osv5m_remote_errors needs the dblink extension'
+			USING ERRCODE = 'feature_not_supported', HINT = 'CREATE EXTENSION dblink;';
+	END IF;
+	FOR f IN SELECT * FROM @extschema@.osv5m_foreign_leaves(@extschema@.osv5m_leaf_tables(tbl), NULL, NULL) x
+			  WHERE x.wrapper = 'postgres_fdw'
+	LOOP
+		BEGIN
+			RETURN QUERY EXECUTE pg_catalog.format(
+				'SELECT $1::name, $2::regclass, $3, t.* FROM %I.dblink($1::text, $4) AS t(key_column text, row_key text,'
+				' image_md5 text, sqlstate text, message text, detail text, job_id bigint, recorded_at timestamptz)', dbl)
+			USING f.server, f.foreign_table, f.remote_table, pg_catalog.format(
+				'SELECT e.key_column, e.row_key, e.image_md5, e.sqlstate, e.message, e.detail, e.job_id, e.recorded_at'
+				' FROM %I.osv5m_errors e WHERE e.tbl = pg_catalog.to_regclass(%L) ORDER BY e.error_id',
+				@extschema@.osv5m_remote_schema(f.server::text), f.remote_table);
+		EXCEPTION WHEN OTHERS THEN
+			GET STACKED DIAGNOSTICS e_msg = MESSAGE_TEXT;
+			RAISE WARNING 'osv5m_remote_errors: server % (foreign table %) did not answer: %', f.server, f.foreign_table, e_msg;
+		END;
+	END LOOP;
+END
+$$;
