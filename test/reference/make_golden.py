@@ -43,7 +43,11 @@ import reference  # noqa: E402
 from make_models import write_safetensors  # noqa: E402
 
 ALL_IMAGES_MODELS = {"tiny-gelu"}
-NO_PIXELS_MODELS = {"tiny-f16": "same as tiny-gelu"}
+# The published-layout twins (<name>-pt, pytorch_model.bin) hold the same
+# stored values and transform as <name>: their pixels are <name>'s.
+NO_PIXELS_MODELS = {"tiny-f16": "same as tiny-gelu", "tiny-f16-pt": "same as tiny-gelu",
+                    "tiny-gelu-pt": "same as tiny-gelu", "tiny-bf16-pt": "same as tiny-bf16",
+                    "tiny-quickgelu-pt": "same as tiny-quickgelu"}
 SUBSET_SIZE = 10
 # Taken into the subset first when present: the broadest mix of decoder paths
 # (CMYK, EXIF, transparency, 16-bit, 1 x 1 upscaling, an extreme aspect ratio).
@@ -156,7 +160,8 @@ def main():
     total = 0
     for model in sorted(os.listdir(args.models)):
         model_dir = os.path.join(args.models, model)
-        if not os.path.isfile(os.path.join(model_dir, "model.safetensors")):
+        if not (os.path.isfile(os.path.join(model_dir, "model.safetensors")) or
+                os.path.isfile(os.path.join(model_dir, "pytorch_model.bin"))):
             continue
         ref = reference.Reference(model_dir)
         out_dir = os.path.join(args.out, model)

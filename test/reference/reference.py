@@ -136,6 +136,13 @@ def read_config(path):
     out = {}
     model = raw.get("model")
     if isinstance(model, dict):
+        # The activation the backbone's hub path implies: OpenAI's CLIPs use
+        # quick_gelu, the laion/open_clip ones exact gelu (docs/MODEL.md).
+        path = _instance(model, "backbone").get("path")
+        if isinstance(path, str):
+            out["hidden_act"] = "quick_gelu" if path.startswith("openai/") else "gelu"
+            if path == "laion/CLIP-ViT-L-14-DataComp.XL-s13B-b90K":
+                out["num_attention_heads"] = 16
         head = _instance(model, "head")
         if "scale_tanh" in head:
             out["scale_tanh"] = float(head["scale_tanh"])
@@ -290,13 +297,28 @@ def find_prefixes(names):
     accepted_bb = ("backbone.clip.vision_model.", "model.backbone.clip.vision_model.",
                    "vision_model.", "backbone.clip.", "model.backbone.clip.",
                    "clip.", "clip.vision_model.")
-    bb = [b for b in bb if b in accepted_bb]
-    mid = [m for m in mid if m in ("mid.", "model.mid.")]
-    if len(bb) != 1:
-        raise ValueError("cannot find exactly one vision tower (found %r)" % bb)
-    if len(mid) != 1:
-        raise ValueError("cannot find exactly one mid.classif branch (found %r)" % mid)
+    # A published checkpoint holds every tensor twice (model.* and an alias
+    # sharing its storage): take the first accepted spelling present.
+    bb = [b for b in accepted_bb if b in bb]
+    mid = [m for m in ("mid.", "model.mid.") if m in mid]
+    if not bb:
+        raise ValueError("cannot find a vision tower")
+    if not mid:
+        raise ValueError("cannot find a mid.classif branch")
     return bb[0], mid[0]
+
+
+def read_pytorch(path):
+    """Read a torch.save checkpoint with torch's own restricted loader:
+    dict name -> numpy array (floats widened to float32, float64 kept)."""
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    out = {}
+    for name, t in sd.items():
+        if t.dtype == torch.float64 or not t.is_floating_point():
+            out[name] = t.numpy()
+        else:
+            out[name] = t.float().numpy()
+    return out
 
 
 class Reference:
@@ -304,7 +326,11 @@ class Reference:
 
     def __init__(self, model_dir, quadtree=None):
         self.dir = model_dir
-        w, self.metadata = read_safetensors(os.path.join(model_dir, "model.safetensors"))
+        st_path = os.path.join(model_dir, "model.safetensors")
+        if os.path.exists(st_path):
+            w, self.metadata = read_safetensors(st_path)
+        else:
+            w, self.metadata = read_pytorch(os.path.join(model_dir, "pytorch_model.bin")), {}
         cfg_path = os.path.join(model_dir, "config.json")
         cfg = read_config(cfg_path) if os.path.exists(cfg_path) else {}
         bb, mid = find_prefixes(list(w))
@@ -389,12 +415,28 @@ class Reference:
         self.net = net.eval()
 
         # The quadtree: an explicit path, else config's base name, else the default.
+        # The checkpoint's cell buffers, when it has them, are what the
+        # authors' HybridHeadCentroid uses; else the CSV, as init_quadtree.
+        buffers = [n for n in ("model.head.", "head.") if n + "cell_center" in w]
         if quadtree is None:
             quadtree = os.path.join(model_dir, cfg.get("quadtree_file", DEFAULT_QUADTREE))
-        self.quadtree_path = quadtree
-        self.cells = read_quadtree(quadtree)
-        if self.cells.shape[0] != c:
-            raise ValueError("quadtree has %d cells, the model %d" % (self.cells.shape[0], c))
+            if not os.path.exists(quadtree):
+                quadtree = os.path.join(model_dir, DEFAULT_QUADTREE)
+        norm = np.array([90.0, 180.0])
+        if buffers:
+            hp = buffers[0]
+            self.center = np.asarray(w[hp + "cell_center"], dtype=np.float64)
+            self.up = np.asarray(w[hp + "cell_size_up"], dtype=np.float64)
+            self.down = np.asarray(w[hp + "cell_size_down"], dtype=np.float64)
+            self.quadtree_path = None
+        else:
+            self.quadtree_path = quadtree
+            cells = read_quadtree(quadtree)
+            self.center = cells[:, 4:6] / norm
+            self.up = cells[:, 2:4] / norm - self.center
+            self.down = self.center - cells[:, 0:2] / norm
+        if self.center.shape[0] != c:
+            raise ValueError("quadtree has %d cells, the model %d" % (self.center.shape[0], c))
 
         s = h["image_size"]
         self.transform = T.Compose([
@@ -412,11 +454,7 @@ class Reference:
     def cell_point(self, reg, cell):
         """The point regressed inside cell, in degrees (float64)."""
         r = self.h["scale_tanh"] * np.tanh(np.asarray(reg[2 * cell:2 * cell + 2], dtype=np.float64))
-        min_lat, min_lon, max_lat, max_lon, mean_lat, mean_lon = self.cells[cell]
-        norm = np.array([90.0, 180.0])
-        center = np.array([mean_lat, mean_lon]) / norm
-        up = np.array([max_lat, max_lon]) / norm - center
-        down = center - np.array([min_lat, min_lon]) / norm
+        center, up, down = self.center[cell], self.up[cell], self.down[cell]
         gps = center + r * np.where(r > 0, up, down)
         gps = np.clip(gps, -1.0, 1.0)
         return float(gps[0] * 90.0), float(gps[1] * 180.0)

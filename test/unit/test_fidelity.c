@@ -738,16 +738,21 @@ main(void)
 	DIR		   *d = opendir(MODELS_DIR);
 	struct dirent *e;
 
-	/* model directories: those holding a model.safetensors */
+	/*
+	 * model directories: those holding a model.safetensors, or a
+	 * pytorch_model.bin (the published layout, <name>-pt)
+	 */
 	while (d != NULL && (e = readdir(d)) != NULL && nmodels < MAX_NAMES)
 	{
 		char		path[1024];
+		char		pt[1024];
 		FILE	   *f;
 
 		if (e->d_name[0] == '.')
 			continue;
 		snprintf(path, sizeof(path), "%s/%s/model.safetensors", MODELS_DIR, e->d_name);
-		if ((f = fopen(path, "rb")) == NULL)
+		snprintf(pt, sizeof(pt), "%s/%s/pytorch_model.bin", MODELS_DIR, e->d_name);
+		if ((f = fopen(path, "rb")) == NULL && (f = fopen(pt, "rb")) == NULL)
 			continue;
 		fclose(f);
 		models[nmodels++] = strdup(e->d_name);
