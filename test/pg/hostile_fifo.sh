@@ -10,7 +10,8 @@
 # sleep.  The core refuses anything but a regular file before any blocking
 # call (src/core/file.c).  Here config.json, model.safetensors and the
 # quadtree CSV of a copy of test/models/tiny-gelu are each made a FIFO in
-# turn (and config.json a FIFO that a silent writer holds open), and:
+# turn (and config.json a FIFO that a silent writer holds open, and the
+# pytorch_model.bin of tiny-gelu-pt a FIFO), and:
 #   - geolocate() fails at once with "... is not a regular file", not with
 #     a statement timeout, and the same session then geolocates with the
 #     real model (the backend is alive and its cache is not poisoned);
@@ -60,10 +61,10 @@ cluster_init "$dir" "$port" "osv5m.threads = 1" &&
 log_start=$(($(wc -l <"$dir/server.log") + 1))
 want=$(psql -XqAt -c "SET osv5m.model_path = '$good'" -c "SELECT geolocate(img) FROM img")
 
-# A fresh copy of tiny-gelu with file $1 replaced by a FIFO.
+# A fresh copy of tiny-gelu (or of model $2) with file $1 replaced by a FIFO.
 make_model() {
 	rm -rf "$model"
-	cp -r "$good" "$model" && rm -f "$model/$1" && mkfifo "$model/$1" &&
+	cp -r "${2:-$good}" "$model" && rm -f "$model/$1" && mkfifo "$model/$1" &&
 		chmod -R a+rX "$model" && chmod a+rw "$model/$1"
 }
 
@@ -113,6 +114,11 @@ for file in config.json model.safetensors quadtree_10_1000.csv; do
 	check_tool "tool geolocate with $file a fifo" "$file" geolocate
 	check_tool "tool info with $file a fifo" "$file" info
 done
+
+# the PyTorch checkpoint of the published model's layout
+make_model pytorch_model.bin "$root/test/models/tiny-gelu-pt" &&
+	check_sql "geolocate with pytorch_model.bin a fifo" pytorch_model.bin &&
+	check_tool "tool info with pytorch_model.bin a fifo" pytorch_model.bin info
 
 # a FIFO whose writer is open but silent: open(2) would not block, read(2) would
 make_model config.json

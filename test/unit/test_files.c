@@ -3,13 +3,15 @@
  * writer holds open, a directory, a character device through a symlink)
  * are refused with an error, never waited on: osv_read_file directly (the
  * tool's images) and every file of a model directory in turn (config.json,
- * model.safetensors, the quadtree CSV, a --quadtree override).
+ * model.safetensors or pytorch_model.bin, the quadtree CSV, a --quadtree
+ * override).
  *
  * A blocking open(2) of a FIFO with no writer, or a read(2) of one whose
  * writer sends nothing, would sleep for ever; inside a PostgreSQL backend
  * nothing could end that sleep.  So every case runs under alarm(): a hang
  * prints a failure and exits non-zero instead of hanging the test suite.
- * The model is a copy of test/models/tiny-gelu in a temporary directory.
+ * The models are copies of test/models/tiny-gelu and tiny-gelu-pt in a
+ * temporary directory.
  */
 #include "internal.h"
 #include "check.h"
@@ -27,8 +29,23 @@
 /* seconds one case may take before it counts as a hang */
 #define CASE_SECONDS 10
 
-static const char *const model_files[] = {
-	"config.json", "model.safetensors", "quadtree_10_1000.csv"
+/*
+ * The test models copied, and the files tried in each: those it has, and
+ * for the PyTorch checkpoint a quadtree CSV it does not need but reads
+ * (to cross-check) when one is there.
+ */
+typedef struct test_model
+{
+	const char *dir;
+	const char *files[4];		/* NULL-terminated */
+	int			ncopy;			/* the first ncopy files are copied */
+} test_model;
+
+static const test_model test_models[] = {
+	{"test/models/tiny-gelu",
+	{"config.json", "model.safetensors", "quadtree_10_1000.csv", NULL}, 3},
+	{"test/models/tiny-gelu-pt",
+	{"config.json", "pytorch_model.bin", "quadtree_10_1000.csv", NULL}, 2},
 };
 
 static char tmpdir[64];
@@ -177,69 +194,74 @@ test_read_file(void)
 	alarm(0);
 }
 
-/* Copy test/models/tiny-gelu into tmpdir; false when it is not there. */
+/* Copy the first ncopy files of tm into tmpdir; false when they are not there. */
 static bool
-copy_model(void)
+copy_model(const test_model *tm)
 {
-	for (size_t i = 0; i < sizeof(model_files) / sizeof(model_files[0]); i++)
+	for (int i = 0; i < tm->ncopy; i++)
 	{
 		char		src[256];
 		uint8_t    *data;
 		size_t		size;
 		osv_error	err;
 
-		snprintf(src, sizeof(src), "test/models/tiny-gelu/%s", model_files[i]);
+		snprintf(src, sizeof(src), "%s/%s", tm->dir, tm->files[i]);
 		if (osv_read_file(src, (size_t) 1 << 30, &data, &size, &err) != OSV_OK)
 		{
 			CHECK(false, "%s: %s (run from the repository root)", src, err.message);
 			return false;
 		}
-		CHECK(st_write_file(tmp_path(model_files[i]), data, size) == 0, "copy %s", src);
+		CHECK(st_write_file(tmp_path(tm->files[i]), data, size) == 0, "copy %s", src);
 		free(data);
 	}
 	return true;
 }
 
-/* Each model file in turn, made each hostile kind: an error naming it. */
+/* Each file of a model in turn, made each hostile kind: an error naming it. */
 static void
-test_model_files(void)
+test_model_files(const test_model *tm)
 {
 	osv_model  *m = NULL;
 	osv_error	err;
 	char		path[256];
 	char		aside[300];
 
-	if (!copy_model())
+	if (!copy_model(tm))
 		return;
 	current_case = "model as copied";
 	alarm(CASE_SECONDS);
-	CHECK(osv_model_open(tmpdir, NULL, &m, &err) == OSV_OK, "copy of tiny-gelu: %s",
+	CHECK(osv_model_open(tmpdir, NULL, &m, &err) == OSV_OK, "copy of %s: %s", tm->dir,
 		  err.message);
 	osv_model_close(m);
 
-	for (size_t i = 0; i < sizeof(model_files) / sizeof(model_files[0]); i++)
+	for (int i = 0; tm->files[i] != NULL; i++)
 	{
-		snprintf(path, sizeof(path), "%s", tmp_path(model_files[i]));
+		bool		copied = i < tm->ncopy;
+
+		snprintf(path, sizeof(path), "%s", tmp_path(tm->files[i]));
 		snprintf(aside, sizeof(aside), "%s.aside", path);
-		CHECK(rename(path, aside) == 0, "move %s aside", path);
+		if (copied)
+			CHECK(rename(path, aside) == 0, "move %s aside", path);
 		for (hostile kind = H_FIFO; kind <= H_FIFO_LINK; kind++)
 		{
-			char		name[128];
+			char		name[256];
 			int			fd;
 
-			snprintf(name, sizeof(name), "%s as %s", model_files[i], hostile_names[kind]);
+			snprintf(name, sizeof(name), "%s: %s as %s", tm->dir, tm->files[i],
+					 hostile_names[kind]);
 			current_case = name;
 			alarm(CASE_SECONDS);
 			fd = make_hostile(path, kind);
 			m = NULL;
 			CHECK(osv_model_open(tmpdir, NULL, &m, &err) == OSV_ERR_IO && m == NULL &&
 				  strstr(err.message, "is not a regular file") != NULL &&
-				  strstr(err.message, model_files[i]) != NULL,
+				  strstr(err.message, tm->files[i]) != NULL,
 				  "%s: %s", name, err.message);
 			osv_model_close(m);
 			remove_hostile(path, kind, fd);
 		}
-		CHECK(rename(aside, path) == 0, "move %s back", path);
+		if (copied)
+			CHECK(rename(aside, path) == 0, "move %s back", path);
 	}
 
 	/* the --quadtree override is opened the same way */
@@ -255,7 +277,8 @@ test_model_files(void)
 		CHECK(osv_model_open(tmpdir, path, &m, &err) == OSV_ERR_IO && m == NULL &&
 			  strstr(err.message, "quadtree file") != NULL &&
 			  strstr(err.message, "is not a regular file") != NULL,
-			  "quadtree override as %s: %s", hostile_names[kind], err.message);
+			  "%s: quadtree override as %s: %s", tm->dir, hostile_names[kind],
+			  err.message);
 		osv_model_close(m);
 		remove_hostile(path, kind, fd);
 	}
@@ -264,11 +287,12 @@ test_model_files(void)
 	current_case = "model restored";
 	alarm(CASE_SECONDS);
 	m = NULL;
-	CHECK(osv_model_open(tmpdir, NULL, &m, &err) == OSV_OK, "restored: %s", err.message);
+	CHECK(osv_model_open(tmpdir, NULL, &m, &err) == OSV_OK, "%s restored: %s", tm->dir,
+		  err.message);
 	osv_model_close(m);
 	alarm(0);
-	for (size_t i = 0; i < sizeof(model_files) / sizeof(model_files[0]); i++)
-		unlink(tmp_path(model_files[i]));
+	for (int i = 0; i < tm->ncopy; i++)
+		unlink(tmp_path(tm->files[i]));
 }
 
 int
@@ -282,7 +306,8 @@ main(void)
 		return 1;
 	}
 	test_read_file();
-	test_model_files();
+	for (size_t i = 0; i < sizeof(test_models) / sizeof(test_models[0]); i++)
+		test_model_files(&test_models[i]);
 	if (rmdir(tmpdir) != 0)
 		CHECK(false, "%s left non-empty: %s", tmpdir, strerror(errno));
 	return check_summary("test_files");
