@@ -12,9 +12,14 @@
  *       where STATUS is osv_status_name(), e.g. "corrupt image".
  *   osv5m embed --model DIR [...] FILE...
  *       {"file":F,"embedding":[F32,...]} (the hidden_size feature)
- *   osv5m info --model DIR [--quadtree CSV] [--threads N]
+ *   osv5m info --model DIR [--quadtree CSV] [--threads N] [--no-fingerprint]
  *       one JSON object: the model's shapes, dtype, cells, file size,
- *       parameters, GFLOP per image, paths, BLAS core and threads
+ *       parameters, GFLOP per image, paths, the weights file's format and
+ *       SHA-256 ("fingerprint", what sha256sum prints), where the cells
+ *       came from, BLAS core and threads
+ *   osv5m convert --model DIR [--quadtree CSV] --out DIR2
+ *       writes the model as DIR2/model.safetensors (F32), config.json and
+ *       quadtree_10_1000.csv; DIR2 gives bit-identical predictions
  *   osv5m bench --model DIR [--iters N] [--warmup N] [--threads N]
  *               [--batch N] [--json] FILE...
  *       runs every file N times (after W unmeasured warm-up runs, default 1)
@@ -75,6 +80,8 @@ typedef struct options
 	int			warmup;
 	int			batch;			/* images per run of the network */
 	bool		json;
+	bool		no_fingerprint;
+	const char *out_dir;		/* convert */
 } options;
 
 static const char *const usage_text =
@@ -85,7 +92,8 @@ static const char *const usage_text =
 "commands:\n"
 "  geolocate   print the predicted latitude and longitude of each FILE (JSON lines)\n"
 "  embed       print the image feature of each FILE (JSON lines)\n"
-"  info        print the model's shapes and settings (JSON)\n"
+"  info        print the model's shapes, settings and fingerprint (JSON)\n"
+"  convert     write the model as model.safetensors + config.json + quadtree CSV\n"
 "  bench       time the stages over FILE...\n"
 "\n"
 "Run 'osv5m COMMAND --help' for the options of a command.\n";
@@ -122,9 +130,17 @@ print_usage(FILE *out, const char *command)
 			  "Prints one JSON object per file: file and embedding, the image feature (the\n"
 			  "class token of the last transformer block).\n", out);
 	else if (strcmp(command, "info") == 0)
-		fputs("usage: osv5m info --model DIR [--quadtree CSV] [--threads N]\n"
+		fputs("usage: osv5m info --model DIR [--quadtree CSV] [--threads N] [--no-fingerprint]\n"
 			  "\n"
-			  "Prints the model's shapes, dtype, cells, size, cost and paths as JSON.\n", out);
+			  "Prints the model's shapes, dtype, cells, size, cost and paths as JSON, with\n"
+			  "the weights file's format and its SHA-256 (\"fingerprint\", as sha256sum\n"
+			  "prints it; a few seconds for 1.3 GB; --no-fingerprint leaves it out).\n", out);
+	else if (strcmp(command, "convert") == 0)
+		fputs("usage: osv5m convert --model DIR [--quadtree CSV] --out DIR2\n"
+			  "\n"
+			  "Writes the model of DIR (model.safetensors or pytorch_model.bin) into the\n"
+			  "existing directory DIR2 as model.safetensors (F32), config.json and\n"
+			  "quadtree_10_1000.csv: a plain copy that gives bit-identical predictions.\n", out);
 	else if (strcmp(command, "bench") == 0)
 		fputs("usage: osv5m bench --model DIR [--quadtree CSV] [--iters N] [--warmup N]\n"
 			  "                   [--threads N] [--max-pixels N] [--batch N] [--json] FILE...\n"
@@ -561,10 +577,40 @@ cmd_info(const options *opt)
 	json_string(stdout, info->quadtree_path);
 	fputs(",\"config_path\":", stdout);
 	json_string(stdout, info->config_path);
+	printf(",\"weights_format\":\"%s\",\"cells_source\":\"%s\"", info->weights_format,
+		   info->cells_source);
+	if (!opt->no_fingerprint)
+		printf(",\"fingerprint\":\"sha256:%s\"", osv_model_fingerprint(model));
 	fputs(",\"blas_core\":", stdout);
 	json_string(stdout, osv_blas_core_name());
 	printf(",\"blas_threads\":%d}\n", osv_blas_threads());
 	osv_context_free(ctx);
+	osv_model_close(model);
+	return 0;
+}
+
+static int
+cmd_convert(const options *opt)
+{
+	osv_model  *model;
+	osv_error	err;
+
+	if (osv_model_open(opt->model_dir, opt->quadtree, &model, &err) != OSV_OK)
+	{
+		fprintf(stderr, "osv5m: could not open model \"%s\": %s\n",
+				opt->model_dir, err.message);
+		if (err.detail[0] != '\0')
+			fprintf(stderr, "osv5m: %s\n", err.detail);
+		return EXIT_USAGE;
+	}
+	if (osv_model_convert(model, opt->out_dir, &err) != OSV_OK)
+	{
+		fprintf(stderr, "osv5m: could not convert the model: %s\n", err.message);
+		osv_model_close(model);
+		return EXIT_USAGE;
+	}
+	fprintf(stderr, "osv5m: wrote %s/model.safetensors, config.json and quadtree_10_1000.csv from %s\n",
+			opt->out_dir, osv_model_get_info(model)->weights_path);
 	osv_model_close(model);
 	return 0;
 }
@@ -759,7 +805,8 @@ main(int argc, char **argv)
 	enum
 	{
 		OPT_MODEL = 256, OPT_QUADTREE, OPT_TOP, OPT_THREADS, OPT_MAX_PIXELS,
-		OPT_ITERS, OPT_WARMUP, OPT_BATCH, OPT_JSON, OPT_HELP
+		OPT_ITERS, OPT_WARMUP, OPT_BATCH, OPT_JSON, OPT_HELP, OPT_OUT,
+		OPT_NO_FINGERPRINT
 	};
 	static const struct option longopts[] = {
 		{"model", required_argument, NULL, OPT_MODEL},
@@ -771,6 +818,8 @@ main(int argc, char **argv)
 		{"warmup", required_argument, NULL, OPT_WARMUP},
 		{"batch", required_argument, NULL, OPT_BATCH},
 		{"json", no_argument, NULL, OPT_JSON},
+		{"out", required_argument, NULL, OPT_OUT},
+		{"no-fingerprint", no_argument, NULL, OPT_NO_FINGERPRINT},
 		{"help", no_argument, NULL, OPT_HELP},
 		{NULL, 0, NULL, 0}
 	};
@@ -779,7 +828,8 @@ main(int argc, char **argv)
 	bool		geolocate,
 				embed,
 				info,
-				bench;
+				bench,
+				convert;
 	int			c;
 	long long	v;
 
@@ -804,7 +854,8 @@ main(int argc, char **argv)
 	embed = strcmp(command, "embed") == 0;
 	info = strcmp(command, "info") == 0;
 	bench = strcmp(command, "bench") == 0;
-	if (!geolocate && !embed && !info && !bench)
+	convert = strcmp(command, "convert") == 0;
+	if (!geolocate && !embed && !info && !bench && !convert)
 		return usage_error(NULL, "unknown command \"%s\"", command);
 
 	memset(&opt, 0, sizeof(opt));
@@ -872,6 +923,16 @@ main(int argc, char **argv)
 					return usage_error(command, "%s", "--json is an option of bench only");
 				opt.json = true;
 				break;
+			case OPT_OUT:
+				if (!convert)
+					return usage_error(command, "%s", "--out is an option of convert only");
+				opt.out_dir = arg;
+				break;
+			case OPT_NO_FINGERPRINT:
+				if (!info)
+					return usage_error(command, "%s", "--no-fingerprint is an option of info only");
+				opt.no_fingerprint = true;
+				break;
 			case OPT_HELP:
 				print_usage(stdout, command);
 				return 0;
@@ -883,8 +944,12 @@ main(int argc, char **argv)
 	}
 	if (opt.model_dir == NULL)
 		return usage_error(command, "%s", "--model DIR is required");
-	if (info && optind < argc)
+	if ((info || convert) && optind < argc)
 		return usage_error(command, "unexpected argument \"%s\"", argv[optind]);
+	if (convert && opt.out_dir == NULL)
+		return usage_error(command, "%s", "--out DIR2 is required");
+	if (convert)
+		return cmd_convert(&opt);
 	if (!info && optind >= argc)
 		return usage_error(command, "%s", "no image FILE given");
 

@@ -133,6 +133,9 @@ Load(const char *dir)
 	 * changing, hence the bound.
 	 */
 	snprintf(file_paths[0], MAXPGPATH, "%s/model.safetensors", dir);
+	/* the core's rule: model.safetensors, else pytorch_model.bin */
+	if (access(file_paths[0], F_OK) != 0 && errno == ENOENT)
+		snprintf(file_paths[0], MAXPGPATH, "%s/pytorch_model.bin", dir);
 	snprintf(file_paths[1], MAXPGPATH, "%s/quadtree_10_1000.csv", dir);
 	snprintf(file_paths[2], MAXPGPATH, "%s/config.json", dir);
 	for (int round = 0;; round++)
@@ -143,14 +146,21 @@ Load(const char *dir)
 		if (osv_model_open(dir, NULL, &model, &err) != OSV_OK)
 			OsvReportError(&err, OSV_STAGE_LOAD);
 		info = osv_model_get_info(model);
+		/*
+		 * An empty quadtree_path: the cells came from the checkpoint and
+		 * no CSV was read; the default CSV stays watched, so that one
+		 * appearing later is loaded (and checked against the checkpoint).
+		 */
 		if ((strcmp(info->weights_path, file_paths[0]) == 0 &&
-			 strcmp(info->quadtree_path, file_paths[1]) == 0) ||
+			 (strcmp(info->quadtree_path, file_paths[1]) == 0 ||
+			  info->quadtree_path[0] == '\0')) ||
 			round == 2 ||
 			strlen(info->weights_path) >= MAXPGPATH ||
 			strlen(info->quadtree_path) >= MAXPGPATH)
 			break;
 		strcpy(file_paths[0], info->weights_path);
-		strcpy(file_paths[1], info->quadtree_path);
+		if (info->quadtree_path[0] != '\0')
+			strcpy(file_paths[1], info->quadtree_path);
 		osv_model_close(model);
 		model = NULL;
 	}
