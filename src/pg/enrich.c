@@ -48,6 +48,7 @@
 #include <signal.h>
 
 #include "access/xact.h"
+#include "catalog/pg_authid.h"
 #include "catalog/pg_proc.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
@@ -395,11 +396,30 @@ WaitUntilCounted(Oid role)
 }
 
 /*
+ * Can role log in?  A background worker connects as the job's owner, and
+ * PostgreSQL 15 refuses a role without LOGIN there as at any login (the
+ * worker would die at once with a FATAL error).
+ */
+static bool
+RoleCanLogin(Oid role)
+{
+	HeapTuple	tup = SearchSysCache1(AUTHOID, ObjectIdGetDatum(role));
+	bool		can;
+
+	if (!HeapTupleIsValid(tup))
+		elog(ERROR, "cache lookup failed for role %u", role);
+	can = ((Form_pg_authid) GETSTRUCT(tup))->rolcanlogin;
+	ReleaseSysCache(tup);
+	return can;
+}
+
+/*
  * osv5m_enrich_launch(job bigint, workers int) RETURNS int: start the
  * workers of a run and return how many started.  Only for a running job
  * that this backend leads and the current role owns (ERROR otherwise).
  * The request is cut to osv5m.max_workers, less the workers the role
- * already has running (a NOTICE says so); when the postmaster has fewer
+ * already has running (a NOTICE says so), and to none for a role that
+ * cannot log in, as workers must; when the postmaster has fewer
  * free slots than that, the rows are shared among those it has.
  */
 Datum
@@ -428,6 +448,18 @@ osv5m_enrich_launch(PG_FUNCTION_ARGS)
 	if (!OidIsValid(schema))
 		elog(ERROR, "cache lookup failed for function %u", fn_oid);
 	CheckJobIsOurs(job, schema);
+	if (!RoleCanLogin(role))
+	{
+		const char *rolename = GetUserNameFromId(role, false);
+
+		ereport(NOTICE,
+				(errmsg("osv5m_enrich job " INT64_FORMAT ": no background workers for role \"%s\"",
+						job, rolename),
+				 errdetail("Background workers connect as the role that runs the job, and role \"%s\" cannot log in.",
+						   rolename),
+				 errhint("Run osv5m_enrich as a role with LOGIN to use background workers.")));
+		PG_RETURN_INT32(0);
+	}
 
 	/*
 	 * One launch of this role at a time, until its workers are counted:

@@ -15,7 +15,8 @@
 #
 # Runs against the installed default version, or OSV5M_VERSION (e.g. 0.1.0;
 # then osv5m_jobs gets the owner column the later versions have, and the
-# tables are granted to PUBLIC as 0.1.0's README advised).  Uses its own
+# tables are granted to PUBLIC as 0.1.0's README advised).  A role without
+# LOGIN gets no workers (they could not connect as it).  Uses its own
 # throwaway cluster (build/enrich-launch, port 55443, or
 # $LAUNCH_TEST_DIR / $LAUNCH_TEST_PORT).  Prints "ok - NAME" or
 # "FAIL - NAME: why"; the last line is "enrich-launch: N passed, N failed".
@@ -98,9 +99,11 @@ SET client_min_messages = warning;
 CREATE EXTENSION osv5m ${version:+VERSION '$version'} CASCADE;
 CREATE ROLE alice LOGIN;
 CREATE ROLE mallory LOGIN;
+CREATE ROLE nologin NOLOGIN;
+GRANT nologin TO alice;
 CREATE TABLE photos (id serial PRIMARY KEY, img bytea NOT NULL, loc geography);
 INSERT INTO photos (img) SELECT pg_read_binary_file('$img') FROM generate_series(1, 40);
-GRANT SELECT, UPDATE ON photos TO alice;
+GRANT SELECT, UPDATE ON photos TO alice, nologin;
 CREATE TABLE photos2 AS SELECT * FROM photos;
 ALTER TABLE photos2 ADD PRIMARY KEY (id);
 GRANT SELECT, UPDATE ON photos2 TO alice;
@@ -259,6 +262,12 @@ sql postgres -c "SELECT pg_cancel_backend(pid) FROM pg_locks WHERE relation = 'p
 wait "${racers[@]}"
 started=$(cat "$dir"/race*.out | grep -xE '[0-9]+' | awk 'NR % 2 == 1 { s += $1 } END { print s }')
 check "and report 4 started in all" "$started" 4
+
+# a role without LOGIN (used through SET ROLE) gets no workers, which
+# could not connect as it, and a NOTICE
+got=$(run alice "SET ROLE nologin;" "$(new_job photos)" "SELECT osv5m_enrich_launch(:job_id, 2);" 2>&1 | tr '\n' ' ')
+case $got in *"no background workers for role \"nologin\""*"cannot log in"*" 0 ") ok "a role without LOGIN gets no worker, with a NOTICE" ;;
+	*) fail "a role without LOGIN gets no worker, with a NOTICE" "$got" ;; esac
 
 # a placeholder set before the library is loaded does not raise the cap
 got=$(run alice "SET osv5m.max_workers = 64;" "$(new_job photos)" \
