@@ -194,16 +194,29 @@ write_atomic(const char *dir, const char *name, const void *head, size_t head_le
 			 const out_tensor *t, int n, osv_error *err)
 {
 	char		tmp[1200],
-				path[1200];
+				path[1200],
+				label[1300];
 	FILE	   *f;
 	bool		ok;
+	int			fd;
+	osv_status	st;
 
 	snprintf(tmp, sizeof(tmp), "%s/.%s.tmp", dir, name);
 	if ((size_t) snprintf(path, sizeof(path), "%s/%s", dir, name) >= sizeof(path))
 		return osv_fail(err, OSV_ERR_ARGUMENT, "output path is too long");
-	f = fopen(tmp, "wb");
+	/* a fresh regular file: never a FIFO or a symbolic link left there */
+	osv_file_label(label, sizeof(label), NULL, tmp);
+	if ((st = osv_file_create(tmp, label, &fd, err)) != OSV_OK)
+		return st;
+	f = fdopen(fd, "wb");
 	if (f == NULL)
-		return osv_fail(err, OSV_ERR_IO, "could not create \"%s\": %s", tmp, strerror(errno));
+	{
+		int			e = errno;
+
+		close(fd);
+		unlink(tmp);
+		return osv_fail(err, OSV_ERR_IO, "could not create \"%s\": %s", tmp, strerror(e));
+	}
 	ok = fwrite(head, 1, head_len, f) == head_len;
 	for (int i = 0; i < n && ok; i++)
 		ok = fwrite(t[i].data, 1, t[i].nbytes, f) == t[i].nbytes;

@@ -20,6 +20,12 @@
  * past it; O_NONBLOCK is then cleared, so that reads and mmap see the file
  * as any blocking descriptor would.
  *
+ * Files the core writes (osv5m convert's outputs, through a temporary name
+ * and a rename) are created afresh with osv_file_create: whatever had the
+ * name is removed first, and O_CREAT | O_EXCL | O_NOFOLLOW then refuses
+ * anything planted there since, a FIFO (whose open for writing would wait
+ * for a reader) or a symbolic link (which would redirect the write).
+ *
  * Every message names the file by the caller's label, e.g.
  * `config file "/m/config.json"`, `"/m/model.safetensors"` or just `file`.
  */
@@ -155,6 +161,25 @@ osv_file_read(const char *path, const char *label, size_t cap, uint8_t **out,
 	buf[got] = '\0';
 	*out = buf;
 	*len = got;
+	return OSV_OK;
+}
+
+/* Create path as a new regular file for writing, mode 0644; *fd on success. */
+osv_status
+osv_file_create(const char *path, const char *label, int *fd_out, osv_error *err)
+{
+	int			fd;
+
+	*fd_out = -1;
+	if (unlink(path) != 0 && errno != ENOENT)
+		return osv_fail(err, OSV_ERR_IO, "could not remove %s: %s", label, strerror(errno));
+	do
+		fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_NOCTTY | O_CLOEXEC,
+				  0644);
+	while (fd < 0 && errno == EINTR);
+	if (fd < 0)
+		return osv_fail(err, OSV_ERR_IO, "could not create %s: %s", label, strerror(errno));
+	*fd_out = fd;
 	return OSV_OK;
 }
 

@@ -4,7 +4,8 @@
  * are refused with an error, never waited on: osv_read_file directly (the
  * tool's images) and every file of a model directory in turn (config.json,
  * model.safetensors or pytorch_model.bin, the quadtree CSV, a --quadtree
- * override).
+ * override).  osv_model_convert's outputs are created afresh, never
+ * through a FIFO or a symbolic link planted under their temporary names.
  *
  * A blocking open(2) of a FIFO with no writer, or a read(2) of one whose
  * writer sends nothing, would sleep for ever; inside a PostgreSQL backend
@@ -295,6 +296,63 @@ test_model_files(const test_model *tm)
 		unlink(tmp_path(tm->files[i]));
 }
 
+/*
+ * osv_model_convert writes through dir/.NAME.tmp: a FIFO or a symbolic
+ * link planted under that name is removed, never waited on or written
+ * through, and the output is written all the same.
+ */
+static void
+test_convert_outputs(void)
+{
+	static const char *const names[] = {"config.json", "quadtree_10_1000.csv",
+	"model.safetensors"};
+	osv_model  *m = NULL;
+	osv_model  *back = NULL;
+	osv_error	err;
+	char		out[128];
+	char		tmp[256];
+	char		victim[256];
+	struct stat sb;
+
+	current_case = "convert";
+	alarm(CASE_SECONDS);
+	if (osv_model_open("test/models/tiny-gelu", NULL, &m, &err) != OSV_OK)
+	{
+		CHECK(false, "tiny-gelu: %s", err.message);
+		return;
+	}
+	snprintf(out, sizeof(out), "%s/out", tmpdir);
+	snprintf(victim, sizeof(victim), "%s/victim", tmpdir);
+	CHECK(mkdir(out, 0700) == 0, "mkdir %s", out);
+	CHECK(st_write_file(victim, "keep", 4) == 0, "write victim");
+	for (int i = 0; i < 3; i++)
+	{
+		snprintf(tmp, sizeof(tmp), "%s/.%s.tmp", out, names[i]);
+		/* a FIFO for two of them, a link to the victim for the third */
+		if (i == 1)
+			CHECK(symlink(victim, tmp) == 0, "symlink %s", tmp);
+		else
+			CHECK(mkfifo(tmp, 0600) == 0, "mkfifo %s", tmp);
+	}
+	CHECK(osv_model_convert(m, out, &err) == OSV_OK, "convert over planted names: %s",
+		  err.message);
+	CHECK(stat(victim, &sb) == 0 && sb.st_size == 4, "the link's target was not written");
+	CHECK(osv_model_open(out, NULL, &back, &err) == OSV_OK, "converted model opens: %s",
+		  err.message);
+	osv_model_close(back);
+	osv_model_close(m);
+	alarm(0);
+	for (int i = 0; i < 3; i++)
+	{
+		snprintf(tmp, sizeof(tmp), "%s/%s", out, names[i]);
+		unlink(tmp);
+		snprintf(tmp, sizeof(tmp), "%s/.%s.tmp", out, names[i]);
+		unlink(tmp);
+	}
+	rmdir(out);
+	unlink(victim);
+}
+
 int
 main(void)
 {
@@ -308,6 +366,7 @@ main(void)
 	test_read_file();
 	for (size_t i = 0; i < sizeof(test_models) / sizeof(test_models[0]); i++)
 		test_model_files(&test_models[i]);
+	test_convert_outputs();
 	if (rmdir(tmpdir) != 0)
 		CHECK(false, "%s left non-empty: %s", tmpdir, strerror(errno));
 	return check_summary("test_files");
