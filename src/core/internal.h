@@ -4,8 +4,10 @@
  *
  * Ownership: the loader (model.c) fills struct osv_model; the network
  * (network.c, context.c) only reads it.  Every weight pointer points either
- * into the read-only mapping of model.safetensors (F32 tensors) or into
- * model->converted (F16/BF16 tensors widened to F32 at load time).
+ * into the read-only mapping of the weights file, model.safetensors or
+ * pytorch_model.bin (contiguous, aligned F32 tensors), or into
+ * model->converted (F16/BF16/F64 tensors and strided views converted to
+ * F32 at load time).  The network never knows which file it was.
  */
 #ifndef OSV5M_INTERNAL_H
 #define OSV5M_INTERNAL_H
