@@ -232,6 +232,10 @@ RegisterWorkers(int64 job, int nworkers, int nparts, Oid fn_oid, Oid schema)
  * security may hide other roles' jobs, which then "do not exist".  The
  * query names everything by schema (the extension's, pg_catalog's
  * operator), so search_path cannot redirect it.
+ *
+ * Between "make install" of a new library and ALTER EXTENSION osv5m
+ * UPDATE, sessions run this code over the 0.1.0 tables, which record no
+ * owner: the job must then still be running and led by this backend.
  */
 static void
 CheckJobIsOurs(int64 job, Oid schema)
@@ -250,13 +254,19 @@ CheckJobIsOurs(int64 job, Oid schema)
 	Datum		values[1];
 	int			leader = 0;
 	int			rc;
+	Oid			jobs_rel;
+	bool		has_owner;
 
 	if (nspname == NULL)
 		elog(ERROR, "cache lookup failed for schema %u", schema);
+	jobs_rel = get_relname_relid("osv5m_jobs", schema);
+	has_owner = OidIsValid(jobs_rel) &&
+		get_attnum(jobs_rel, "owner") != InvalidAttrNumber;
 	initStringInfo(&sql);
 	appendStringInfo(&sql,
-					 "SELECT j.status, j.leader_pid, j.owner FROM %s.osv5m_jobs j"
+					 "SELECT j.status, j.leader_pid, %s FROM %s.osv5m_jobs j"
 					 " WHERE j.job_id OPERATOR(pg_catalog.=) $1",
+					 has_owner ? "j.owner" : "NULL::pg_catalog.oid",
 					 quote_identifier(nspname));
 	values[0] = Int64GetDatum(job);
 
@@ -277,7 +287,7 @@ CheckJobIsOurs(int64 job, Oid schema)
 		Datum		owner = SPI_getbinval(tup, desc, 3, &isnull[2]);
 
 		/* compared in C: no operator of anyone's choosing runs */
-		if (isnull[2] || DatumGetObjectId(owner) != role)
+		if (has_owner && (isnull[2] || DatumGetObjectId(owner) != role))
 			verdict = JOB_NOT_OURS;
 		else if (isnull[0] || strcmp(TextDatumGetCString(status), "running") != 0)
 			verdict = JOB_NOT_RUNNING;
