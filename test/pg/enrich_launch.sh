@@ -196,7 +196,11 @@ else
 fi
 got=$(sql postgres -c "SELECT DISTINCT usename FROM pg_stat_activity WHERE backend_type = 'osv5m enrich worker'")
 check "the workers run as the job's owner" "$got" alice
-sleep 0.3
+# psql writes the NOTICE when the launch returns: wait for it (deadline 60 s)
+for _ in $(seq 1 600); do
+	grep -q "background workers reduced" "$out" && break
+	sleep 0.1
+done
 case $(cat "$out") in *"NOTICE:  osv5m_enrich job "*": background workers reduced from 8 to 4"*)
 	ok "a NOTICE says the request was reduced" ;;
 	*) fail "a NOTICE says the request was reduced" "$(tr '\n' ' ' <"$out")" ;; esac
