@@ -107,12 +107,16 @@ gate_open() {
 	q -c "UPDATE gate SET after = 1000000000" >/dev/null
 }
 
-# The state of the table: located rows, writes, distinct rows written, errors.
+# The state of the table: located rows, writes, distinct rows written,
+# errors, distinct rows in errors, and rows whose location is geolocate()
+# of their own image (computed one row at a time before any run).
 state() {
 	q -c "SELECT (SELECT count(loc) FROM photos) || ' ' || (SELECT count(*) FROM log) || ' ' ||
 				 (SELECT count(DISTINCT id) FROM log) || ' ' ||
 				 (SELECT count(*) FROM osv5m_errors) || ' ' ||
-				 (SELECT count(DISTINCT row_key) FROM osv5m_errors)"
+				 (SELECT count(DISTINCT row_key) FROM osv5m_errors) || ' ' ||
+				 (SELECT count(*) FROM photos p JOIN expected e USING (id)
+				   WHERE ST_DWithin(p.loc::geometry, e.loc::geometry, 1e-4))"
 }
 
 # Put the table back to "nothing done".
@@ -160,10 +164,12 @@ BEGIN
 	RETURN NEW;
 END \$\$;
 CREATE TRIGGER gate BEFORE UPDATE ON photos FOR EACH ROW EXECUTE FUNCTION gate();
+-- what each row's own image gives, one call per row
+CREATE TABLE expected AS SELECT id, geolocate(img) AS loc FROM photos WHERE id <= 40;
 EOF
 good=$(q -c "SELECT count(*) FROM photos WHERE id <= 40")
 check "fixture has 40 good rows" "$good" 40
-done_state="40 40 40 2 2"
+done_state="40 40 40 2 2 40"
 
 # ---- 1. cancel of the caller while 2 workers run ----
 reset_table
@@ -188,7 +194,7 @@ partial=$(q -c "SELECT count(loc) >= 6 AND count(loc) <= $gate_after FROM photos
 check "cancel: some rows but not all were done" "$partial" t
 gate_open
 q -c "CALL osv5m_enrich('photos', 'img', 'loc', batch_size => 3, workers => 2)" >/dev/null 2>&1
-check "cancel: the rerun finished, each row written once, bad rows recorded once" "$(state)" "$done_state"
+check "cancel: the rerun finished, each row written once with its own image's location, bad rows recorded once" "$(state)" "$done_state"
 
 # ---- 2. kill -9 of the calling backend (workers => 1) ----
 reset_table
@@ -245,7 +251,7 @@ wait_for "terminated worker: it is gone" "SELECT count(*) FROM pg_stat_activity 
 gate_open
 wait $call
 check "terminated worker: the CALL succeeded" "$(grep -c ERROR "$dir/call4.out")" 0
-check "terminated worker: the caller did the rest, each row written once" "$(state)" "$done_state"
+check "terminated worker: the caller did the rest, each row written once, with its own location" "$(state)" "$done_state"
 
 echo "enrich_jobs: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]
