@@ -126,7 +126,11 @@ reset_table() {
 		  TRUNCATE log; DELETE FROM osv5m_errors; DELETE FROM osv5m_jobs"
 }
 
-cluster_init "$dir" "$port" "max_worker_processes = 8" >/dev/null || exit 1
+# synchronous_commit on: with it off (cluster.sh's default, for speed) a
+# kill -9, which makes the postmaster reset shared memory, loses commits
+# whose WAL the WAL writer had not flushed yet, which a loaded machine
+# delays; then "the run committed N rows" would not hold after the crash.
+cluster_init "$dir" "$port" "max_worker_processes = 8" "synchronous_commit = on" >/dev/null || exit 1
 cluster_start "$dir" || exit 1
 trap 'touch "$dir/gate-open"; [ -n "$gate_pid" ] && wait "$gate_pid"; cluster_stop "$dir"' EXIT
 
