@@ -13,13 +13,15 @@ RESET client_min_messages;
 \getenv abs_srcdir PG_ABS_SRCDIR
 \set good :abs_srcdir '/test/models/tiny-gelu'
 \set other :abs_srcdir '/test/models/tiny-quickgelu'
+\set good_pt :abs_srcdir '/test/models/tiny-gelu-pt'
 \set broken :abs_srcdir '/build/hostile-models'
 \set live :broken '/live'
 \set img_path :abs_srcdir '/test/fuzz/corpus/image/rgb-444.jpg'
 \setenv HOSTILE_OUT :broken
 \setenv HOSTILE_GOOD :good
 \setenv HOSTILE_OTHER :other
-\! python3 "$PG_ABS_SRCDIR/test/pg/hostile_models.py" make "$HOSTILE_GOOD" "$HOSTILE_OUT"
+\setenv HOSTILE_GOOD_PT :good_pt
+\! python3 "$PG_ABS_SRCDIR/test/pg/hostile_models.py" make "$HOSTILE_GOOD" "$HOSTILE_OUT" "$HOSTILE_GOOD_PT"
 
 CREATE TEMP TABLE img AS SELECT pg_read_binary_file(:'img_path') AS img;
 
@@ -52,6 +54,13 @@ FROM unnest(ARRAY['truncated-weights', 'empty-weights', 'header-past-end',
 				  'config-not-json', 'config-heads-not-dividing',
 				  'config-wrong-image-size', 'weights-missing',
 				  'weights-is-directory', 'no-such-directory']) AS f;
+-- the same for the published layout (config.json + pytorch_model.bin);
+-- pt-csv-agrees is not a fault: a CSV that matches the checkpoint's cells
+SELECT f AS fault, pg_temp.try_model(:'broken' || '/' || f, :'abs_srcdir') AS outcome
+FROM unnest(ARRAY['pt-truncated', 'pt-empty', 'pt-forbidden-global',
+				  'pt-compressed-entry', 'pt-storage-short',
+				  'pt-central-directory-past-end', 'pt-legacy-format',
+				  'pt-unknown-backbone', 'pt-csv-disagrees', 'pt-csv-agrees']) AS f;
 SELECT pg_temp.try_model('', '') AS unset_path;
 SELECT pg_temp.try_model('relative/path', '') AS relative_path;
 

@@ -201,9 +201,10 @@ OsvGetModel(void)
 		ereport(ERROR,
 				(errcode(ERRCODE_CONFIG_FILE_ERROR),
 				 errmsg("osv5m.model_path is not set"),
-				 errhint("Set osv5m.model_path to a directory holding model.safetensors and "
-						 "quadtree_10_1000.csv, e.g. ALTER SYSTEM SET osv5m.model_path = "
-						 "'/srv/osv5m/baseline'; then SELECT pg_reload_conf().")));
+				 errhint("Set osv5m.model_path to the model's directory (config.json and "
+						 "pytorch_model.bin as published, or model.safetensors), e.g. "
+						 "ALTER SYSTEM SET osv5m.model_path = '/srv/osv5m/baseline'; "
+						 "then SELECT pg_reload_conf().")));
 
 	/* one stat() per file per call: cheap next to an inference */
 	if (cache.model != NULL && strcmp(cache.path, path) == 0 && FilesUnchanged())
@@ -340,9 +341,9 @@ OsvErrorCode(const osv_error *err, OsvStage stage, const char **hint)
 				*hint = "Check that OpenBLAS (libopenblas0) is installed on the server.";
 				return ERRCODE_EXTERNAL_ROUTINE_EXCEPTION;
 			}
-			*hint = "Set osv5m.model_path to a directory holding model.safetensors and "
-				"quadtree_10_1000.csv, e.g. ALTER SYSTEM SET osv5m.model_path = "
-				"'/srv/osv5m/baseline'.";
+			*hint = "Set osv5m.model_path to the model's directory (config.json and "
+				"pytorch_model.bin as published, or model.safetensors), e.g. "
+				"ALTER SYSTEM SET osv5m.model_path = '/srv/osv5m/baseline'.";
 			return ERRCODE_CONFIG_FILE_ERROR;
 	}
 }

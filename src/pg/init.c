@@ -50,8 +50,9 @@ _PG_init(void)
 	 */
 	DefineCustomStringVariable("osv5m.model_path",
 							   "Directory of the geolocation model.",
-							   "A directory holding model.safetensors, the quadtree file "
-							   "quadtree_10_1000.csv and optionally config.json.  "
+							   "A directory holding config.json and pytorch_model.bin as "
+							   "published (or model.safetensors, with quadtree_10_1000.csv "
+							   "when the weights hold no cells).  "
 							   "Empty (the default) means no model: inference functions "
 							   "raise an error.  Each backend loads the model on first use "
 							   "and reloads it when this setting or the files change.",

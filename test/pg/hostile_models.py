@@ -2,8 +2,13 @@
 """
 hostile_models.py: writes broken model directories for sql/hostile_models.sql.
 
-  hostile_models.py make SRC OUT     one directory per fault under OUT, each a
-                                     copy of the good model SRC with one fault
+  hostile_models.py make SRC OUT [PT_SRC]
+                                     one directory per fault under OUT, each a
+                                     copy of the good model SRC with one fault;
+                                     with PT_SRC (a model in the published
+                                     layout: config.json + pytorch_model.bin),
+                                     also one directory per fault of that
+                                     layout, named pt-*
   hostile_models.py swap OUT MODEL   make OUT/live a copy of MODEL, replacing
                                      what was there atomically (a new directory
                                      renamed over the old one)
@@ -14,8 +19,10 @@ hostile_models.py: writes broken model directories for sql/hostile_models.sql.
                                      truncate OUT/live/FILE in place to N bytes
 
 Only the standard library: the faults are made on the bytes and the JSON
-header of model.safetensors, never by re-running a model generator, so each
-directory differs from the good one in exactly one way.  Everything is
+header of model.safetensors, or on the bytes of the zip archive that
+torch.save writes (same-length edits: the reader does not check CRC-32s),
+never by re-running a model generator, so each directory differs from the
+good one in exactly one way.  Everything is
 written with mode 0644/0755 so the server (another user) can read it.
 Prints nothing on success (the calling pg_regress test compares output).
 """
@@ -25,6 +32,7 @@ import os
 import shutil
 import struct
 import sys
+import zipfile
 
 FAULTS = []
 
@@ -206,6 +214,114 @@ def weights_is_directory(d, raw, header, data):
     os.mkdir(os.path.join(d, "model.safetensors"))
 
 
+# ---- faults of the published layout (pytorch_model.bin, a zip archive) ----
+
+PT_FAULTS = []
+
+
+def pt_fault(fn):
+    PT_FAULTS.append(fn)
+    return fn
+
+
+def zip_entries(raw):
+    """name -> (local header offset, central header offset) of each entry."""
+    eocd = raw.rindex(b"PK\x05\x06")
+    count, _, cd_offset = struct.unpack("<HII", raw[eocd + 10:eocd + 20])
+    entries, pos = {}, cd_offset
+    for _ in range(count):
+        assert raw[pos:pos + 4] == b"PK\x01\x02"
+        n, m, k = struct.unpack("<HHH", raw[pos + 28:pos + 34])
+        local = struct.unpack("<I", raw[pos + 42:pos + 46])[0]
+        entries[raw[pos + 46:pos + 46 + n].decode()] = (local, pos)
+        pos += 46 + n + m + k
+    return entries
+
+
+def entry(entries, suffix):
+    return [v for k, v in entries.items() if k.endswith(suffix)][0]
+
+
+def patch(raw, offset, data):
+    return raw[:offset] + data + raw[offset + len(data):]
+
+
+@pt_fault
+def pt_truncated(d, raw):
+    write(d, "pytorch_model.bin", raw[:len(raw) * 6 // 10])
+
+
+@pt_fault
+def pt_empty(d, raw):
+    write(d, "pytorch_model.bin", b"")
+
+
+@pt_fault
+def pt_forbidden_global(d, raw):
+    # the state dict's class replaced by a callable of the same length
+    old = b"collections\nOrderedDict\n"
+    assert raw.count(old) == 1
+    write(d, "pytorch_model.bin", raw.replace(old, b"subprocess\ncheck_output\n"))
+
+
+@pt_fault
+def pt_compressed_entry(d, raw):
+    local, central = entry(zip_entries(raw), "/data.pkl")
+    raw = patch(raw, local + 8, struct.pack("<H", 8))      # deflate
+    write(d, "pytorch_model.bin", patch(raw, central + 10, struct.pack("<H", 8)))
+
+
+@pt_fault
+def pt_storage_short(d, raw):
+    # a weight's storage declares 64 bytes fewer than its tensor needs
+    local, central = entry(zip_entries(raw), "/data/1")
+    size = struct.unpack("<I", raw[central + 24:central + 28])[0] - 64
+    for offset in (local + 18, local + 22, central + 20, central + 24):
+        raw = patch(raw, offset, struct.pack("<I", size))
+    write(d, "pytorch_model.bin", raw)
+
+
+@pt_fault
+def pt_central_directory_past_end(d, raw):
+    # torch.save writes the ZIP64 end record too, which readers prefer
+    eocd = raw.rindex(b"PK\x05\x06")
+    raw = patch(raw, eocd + 16, struct.pack("<I", len(raw) + 100))
+    eocd64 = raw.rindex(b"PK\x06\x06")
+    write(d, "pytorch_model.bin", patch(raw, eocd64 + 48, struct.pack("<Q", len(raw) + 100)))
+
+
+@pt_fault
+def pt_legacy_format(d, raw):
+    # what torch.save wrote before PyTorch 1.6: a bare pickle stream
+    with zipfile.ZipFile(os.path.join(d, "pytorch_model.bin")) as z:
+        pkl = z.read([n for n in z.namelist() if n.endswith("/data.pkl")][0])
+    write(d, "pytorch_model.bin", pkl)
+
+
+@pt_fault
+def pt_unknown_backbone(d, raw):
+    cfg = json.loads(read(d, "config.json"))
+    cfg["model"]["backbone"]["instance"]["path"] = "example/unknown-vit"
+    del cfg["num_attention_heads"]
+    write(d, "config.json", json.dumps(cfg).encode())
+
+
+@pt_fault
+def pt_csv_disagrees(d, raw):
+    # the good model's CSV with one cell's bounds moved: must name the cell
+    lines = read(os.environ["HOSTILE_GOOD"], "quadtree_10_1000.csv").split(b"\n")
+    fields = lines[8].split(b",")
+    fields[2] = b"%r" % (float(fields[2]) + 0.5)
+    lines[8] = b",".join(fields)
+    write(d, "quadtree_10_1000.csv", b"\n".join(lines))
+
+
+@pt_fault
+def pt_csv_agrees(d, raw):
+    # not a fault: the good model's own CSV, which matches the buffers
+    write(d, "quadtree_10_1000.csv", read(os.environ["HOSTILE_GOOD"], "quadtree_10_1000.csv"))
+
+
 def read(d, name):
     with open(os.path.join(d, name), "rb") as f:
         return f.read()
@@ -225,7 +341,7 @@ def copy_model(src, dst):
         os.chmod(os.path.join(dst, name), 0o644)
 
 
-def make(src, out):
+def make(src, out, pt_src=None):
     if os.path.isdir(out):
         shutil.rmtree(out)
     os.makedirs(out)
@@ -236,6 +352,13 @@ def make(src, out):
         copy_model(src, d)
         header, data = read_st(os.path.join(src, "model.safetensors"))
         fn(d, raw, header, data)
+    if pt_src is None:
+        return
+    raw = read(pt_src, "pytorch_model.bin")
+    for fn in PT_FAULTS:
+        d = os.path.join(out, fn.__name__.replace("_", "-"))
+        copy_model(pt_src, d)
+        fn(d, raw)
 
 
 def swap(out, model):
@@ -269,6 +392,8 @@ def truncate(out, name, size):
 
 
 def main(argv):
+    if argv[1:2] == ["make"] and len(argv) == 5:
+        return make(*argv[2:5])
     cmds = {"make": (make, 2), "swap": (swap, 2), "inplace": (inplace, 3),
             "truncate": (truncate, 3)}
     if len(argv) < 2 or argv[1] not in cmds or len(argv) - 2 < cmds[argv[1]][1]:
