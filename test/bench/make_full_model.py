@@ -15,6 +15,14 @@ Invariants:
   - deterministic for a given seed.
 
 Usage: make_full_model.py [DIR]   (default models/full-random, git-ignored)
+       make_full_model.py --published [DIR]
+                                  (default models/full-random-pt): the same
+                                  weights and cells in the layout
+                                  osv5m/baseline is published in (torch.save
+                                  pytorch_model.bin with the alias keys and the
+                                  float64 cell buffers, the authors' nested
+                                  config.json, no CSV); needs python3-torch
+                                  and about 3 GB of memory
 """
 
 import argparse
@@ -38,9 +46,14 @@ FULL = dict(seed=2024, image=224, patch=14, hidden=1024, heads=16, layers=24,
 def main():
     """Command line: write the model directory."""
     ap = argparse.ArgumentParser(description="random model with osv5m/baseline's shapes")
-    ap.add_argument("dir", nargs="?", default=os.path.join(HERE, "..", "..", "models", "full-random"))
+    ap.add_argument("--published", action="store_true",
+                    help="write pytorch_model.bin + nested config.json, as osv5m/baseline")
+    ap.add_argument("dir", nargs="?")
     args = ap.parse_args()
-    out = os.path.normpath(args.dir)
+    default = "full-random-pt" if args.published else "full-random"
+    out = os.path.normpath(args.dir or os.path.join(HERE, "..", "..", "models", default))
+    if args.published:
+        return write_published(out)
     os.makedirs(out, exist_ok=True)
     rng = np.random.Generator(np.random.PCG64(FULL["seed"]))
     t0 = time.time()
@@ -64,6 +77,31 @@ def main():
         f.write("\n")
     mm.write_quadtree(os.path.join(out, "quadtree_10_1000.csv"), mm.make_quadtree(FULL["cells"], rng))
     size = os.path.getsize(os.path.join(out, "model.safetensors"))
+    print("%s: %.2f GB of weights in %.1f s" % (out, size / 1e9, time.time() - t0))
+    return 0
+
+
+def write_published(out):
+    """The same tensors, drawn in the same order, and the same cells, written
+    by make_models.write_published as the -pt test models are."""
+    if mm.torch is None:
+        sys.exit("python3-torch is needed for --published (apt-get install python3-torch)")
+    if not os.path.basename(out).endswith("-pt"):
+        sys.exit("the directory of a published-layout model must end in -pt: %s" % out)
+    rng = np.random.Generator(np.random.PCG64(FULL["seed"]))
+    t0 = time.time()
+    specs = {name: (shape, kind, scale) for name, shape, kind, scale in mm.weight_specs(FULL)}
+    entries = [(name, "I64" if kind == "ids" else "F32", shape)
+               for name, (shape, kind, scale) in specs.items()]
+    _, layout = mm.safetensors_header(entries, {"format": "pt"})
+    weights = {}
+    for name, _, _ in layout:
+        shape, kind, scale = specs[name]
+        a = mm.draw(shape, kind, scale, rng)
+        weights[name] = a if kind == "ids" else a.astype(np.float32)
+    rows = mm.make_quadtree(FULL["cells"], rng)
+    mm.write_published(os.path.basename(out)[:-3], FULL, weights, rows, os.path.dirname(out))
+    size = os.path.getsize(os.path.join(out, "pytorch_model.bin"))
     print("%s: %.2f GB of weights in %.1f s" % (out, size / 1e9, time.time() - t0))
     return 0
 
