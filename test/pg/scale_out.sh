@@ -204,6 +204,30 @@ check "a model that differs: nothing written" \
 	"$(q 0 -c 'SELECT count(*) FROM photos WHERE loc IS NOT NULL')" 0
 q 2 -c 'ALTER SYSTEM RESET osv5m.model_path' -c 'SELECT pg_reload_conf()' >/dev/null
 wait_for "shard 2 takes the test model back" 2 'SHOW osv5m.model_path' "$model"
+# the same architecture and file size, one weight different: only the
+# weights' SHA-256 tells them apart
+variant=$base/gelu-variant
+rm -rf "$variant"
+cp -r "$model" "$variant"
+python3 -c '
+import sys
+path = sys.argv[1] + "/model.safetensors"
+with open(path, "r+b") as f:
+    f.seek(-2, 2)		# a mantissa byte of the last weight
+    b = f.read(1)[0]
+    f.seek(-2, 2)
+    f.write(bytes([b ^ 1]))
+' "$variant"
+chmod -R a+rX "$variant"
+q 2 -c "ALTER SYSTEM SET osv5m.model_path = '$variant'" -c 'SELECT pg_reload_conf()' >/dev/null
+wait_for "shard 2 takes the variant" 2 'SHOW osv5m.model_path' "$variant"
+out=$(q 0 -c "CALL osv5m_enrich('photos', 'img', 'loc')" 2>&1)
+check "weights that differ in one value: the job stops, naming the server" \
+	"$(printf '%s\n' "$out" | grep -c 'the model differs on server(s) shard2$')" 1
+check "weights that differ in one value: nothing written" \
+	"$(q 0 -c 'SELECT count(*) FROM photos WHERE loc IS NOT NULL')" 0
+q 2 -c 'ALTER SYSTEM RESET osv5m.model_path' -c 'SELECT pg_reload_conf()' >/dev/null
+wait_for "shard 2 takes the test model back" 2 'SHOW osv5m.model_path' "$model"
 
 # ---- the job, a shard server stopped in the middle ---------------------------
 for n in 1 2; do q $n -c 'UPDATE slow SET secs = 0.4'; done
