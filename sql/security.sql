@@ -35,7 +35,8 @@ GRANT CREATE ON SCHEMA public TO PUBLIC;
 
 -- ---- the catalog: every function parsed at call time has a safe search_path
 -- (LANGUAGE C has no body; SQL-standard bodies were bound at creation;
--- the procedure osv5m_enrich sets it for each of its transactions)
+-- the procedures, which commit or call procedures that do and so cannot
+-- carry a SET clause, set it themselves: checked below)
 SELECT p.oid::regprocedure AS unsafe_function
 FROM pg_proc p
 JOIN pg_depend d ON d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e'
@@ -43,15 +44,24 @@ JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'osv5m'
 JOIN pg_language l ON l.oid = p.prolang
 WHERE l.lanname IN ('sql', 'plpgsql') AND p.prosqlbody IS NULL
   AND NOT coalesce('search_path=pg_catalog, pg_temp' = ANY (p.proconfig), false)
-  AND p.oid <> 'osv5m_enrich(regclass, name, name, integer, integer, text, boolean)'::regprocedure
+  AND p.prokind <> 'p'
 ORDER BY 1;
--- the procedure: every COMMIT is followed by the search_path
-SELECT count(*) AS commits,
-	   count(*) FILTER (WHERE rest ~ '^\s*PERFORM pg_catalog\.set_config\(''search_path'', ''pg_catalog, pg_temp'', true\);')
+-- each procedure: its first statement is COMMIT or sets the search_path,
+-- and every COMMIT is followed by the search_path
+SELECT p.proname AS procedure,
+	   bool_or(n = 1 AND (rest ~ '\mBEGIN(\s|--[^\n]*\n)*$'
+						  OR rest ~ '\mBEGIN(\s|--[^\n]*\n)*PERFORM pg_catalog\.set_config\(''search_path'', ''pg_catalog, pg_temp'', true\);'))
+		   AS starts_safe,
+	   count(*) FILTER (WHERE n > 1) AS commits,
+	   count(*) FILTER (WHERE n > 1 AND rest ~ '^\s*PERFORM pg_catalog\.set_config\(''search_path'', ''pg_catalog, pg_temp'', true\);')
 		   AS commits_then_safe_search_path
-FROM pg_proc p, regexp_split_to_table(p.prosrc, 'COMMIT;') WITH ORDINALITY AS s(rest, n)
-WHERE p.oid = 'osv5m_enrich(regclass, name, name, integer, integer, text, boolean)'::regprocedure
-  AND n > 1;
+FROM pg_proc p
+JOIN pg_depend d ON d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e'
+JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'osv5m',
+	 regexp_split_to_table(p.prosrc, 'COMMIT;') WITH ORDINALITY AS s(rest, n)
+WHERE p.prokind = 'p'
+GROUP BY p.proname
+ORDER BY 1;
 
 -- ---- the tables --------------------------------------------------------------
 CREATE TABLE sec_photos (id int PRIMARY KEY, img bytea, loc geography);

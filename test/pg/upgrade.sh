@@ -1,6 +1,7 @@
 #!/bin/bash
-# upgrade.sh: ALTER EXTENSION osv5m UPDATE from the first released version,
-# 0.1.0, to the installed default version keeps the user's data, and the
+# upgrade.sh: ALTER EXTENSION osv5m UPDATE from an earlier version (the first
+# released one, 0.1.0, or UPGRADE_FROM=0.2.0)
+# to the installed default version keeps the user's data, and the
 # new version works on it.
 #
 #   test/pg/upgrade.sh                (after make install; about 20 s)
@@ -40,7 +41,7 @@ MODEL=$ROOT/test/models/tiny-gelu
 IMAGES=$ROOT/test/data/images
 DIR=${UPGRADE_DIR:-$ROOT/build/upgrade}
 PORT=${UPGRADE_PORT:-55444}
-OLD=0.1.0
+OLD=${UPGRADE_FROM:-0.1.0}
 export PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
 . test/pg/cluster.sh
 
@@ -169,7 +170,7 @@ snapshot() {
 	done
 }
 snapshot before
-echo "# the 0.1.0 columns compared: osv5m_errors ($errors_cols); osv5m_jobs ($jobs_cols); osv5m_job_workers ($workers_cols)"
+echo "# the $OLD columns compared: osv5m_errors ($errors_cols); osv5m_jobs ($jobs_cols); osv5m_job_workers ($workers_cols)"
 
 # ---- 4. the upgrade ---------------------------------------------------------
 out=$(q -c "ALTER EXTENSION osv5m UPDATE" 2>&1)

@@ -1,0 +1,263 @@
+#!/bin/bash
+# citus.sh: osv5m_enrich on a Citus distributed table, against three real
+# servers on this machine: a Citus coordinator (port 54810) and two workers
+# (54811, 54812), each with shared_preload_libraries = 'citus,osv5m' and
+# the tiny-gelu test model.  Runs only where Citus is installed for
+# PostgreSQL 15 (it is not packaged in Debian: build it from its source,
+# see README, Scaling out); elsewhere it says plainly that it was skipped.
+#
+# The table "photos" is distributed by id over 4 shards (2 per worker) and
+# holds the test images 3 times and junk rows.  Checks:
+#
+#   - CREATE EXTENSION osv5m CASCADE on the coordinator reaches the workers;
+#   - refusals with a hint: a reference table, a table whose shards have 2
+#     placements, a model that differs on one worker in one weight (the
+#     weights' SHA-256), nothing written;
+#   - CALL osv5m_enrich runs on both workers at once (pg_stat_activity
+#     sampled on each), osv5m_citus_progress shows both running;
+#   - a worker stopped mid-job (pg_ctl stop -m immediate): the job fails
+#     naming that node, the other worker's shards are done,
+#     osv5m_citus_progress shows the node unreachable; after a restart the
+#     rerun (with 2 background workers per node) completes;
+#   - every row's location equals geolocate() of its own image computed
+#     beforehand on the coordinator, every junk row is in its worker's
+#     osv5m_errors exactly once (osv5m_citus_errors), nothing was written
+#     twice (a trigger log on each shard), and retry_errors retries them.
+#
+# Nothing depends on timing: a slow trigger on the shards makes the runs
+# last, and every wait polls what it waits for with a deadline of
+# $CITUS_DEADLINE seconds (default 180).
+#
+#   test/pg/citus.sh        (after make install; about a minute)
+#
+# Directories under build/citus ($CITUS_DIR), ports $CITUS_PORT (54810) to
+# +2.  Prints "ok N - ..." / "not ok N - ..." and ends with
+# "citus: N passed, N failed".
+set -u
+cd "$(dirname "$0")/../.."
+root=$(pwd)
+source test/pg/cluster.sh
+
+if [ ! -f "$(pg_config --sharedir)/extension/citus.control" ]; then
+	echo "citus: SKIPPED: Citus is not installed for PostgreSQL 15 (not packaged in Debian; README, Scaling out)"
+	echo "citus: 0 passed, 0 failed"
+	exit 0
+fi
+
+base=${CITUS_DIR:-$root/build/citus}
+port0=${CITUS_PORT:-54810}
+deadline=${CITUS_DEADLINE:-180}
+model=$root/test/models/tiny-gelu
+images=$root/test/data/images
+passed=0
+failed=0
+
+check() {
+	local name=$1 got=$2 want=$3
+	if [ "$got" = "$want" ]; then
+		passed=$((passed + 1))
+		echo "ok $((passed + failed)) - $name"
+	else
+		failed=$((failed + 1))
+		echo "not ok $((passed + failed)) - $name: got '$got', want '$want'"
+	fi
+}
+node_dir() { echo "$base/node$1"; }
+sock() {
+	local d
+	d=$(node_dir "$1")
+	[ -L "$d/sock" ] && readlink "$d/sock" || echo "$d/sock"
+}
+q() { local n=$1; shift; psql -X -q -At -v ON_ERROR_STOP=1 -h "$(sock "$n")" -p $((port0 + n)) -U postgres -d postgres "$@"; }
+# wait_for NAME NODE SQL WANT: poll until SQL on NODE prints WANT
+wait_for() {
+	local name=$1 n=$2 sql=$3 want=$4 got end=$((SECONDS + deadline))
+	while [ $SECONDS -lt $end ]; do
+		got=$(q "$n" -c "$sql" 2>/dev/null)
+		[ "$got" = "$want" ] && return 0
+		sleep 0.2
+	done
+	check "$name (waited ${deadline} s)" "$got" "$want"
+	return 1
+}
+cleanup() {
+	[ -n "${call_pid:-}" ] && kill "$call_pid" 2>/dev/null
+	for n in 0 1 2; do cluster_stop "$(node_dir $n)" >/dev/null 2>&1; done
+}
+trap cleanup EXIT
+
+# ---- three servers ----------------------------------------------------------------
+for n in 0 1 2; do cluster_stop "$(node_dir $n)" >/dev/null 2>&1; done	# a previous run's
+rm -rf "$base"
+mkdir -p "$base"
+for n in 0 1 2; do
+	cluster_init "$(node_dir $n)" $((port0 + n)) \
+		"shared_preload_libraries = 'citus,osv5m'" "osv5m.model_path = '$model'" \
+		"max_worker_processes = 16" "max_connections = 60" >/dev/null || exit 1
+	cluster_start "$(node_dir $n)" >/dev/null || exit 1
+	q $n -c 'CREATE EXTENSION citus' || exit 1
+done
+q 0 -c "SELECT citus_set_coordinator_host('$(sock 0)', $port0)" \
+	-c "SELECT citus_add_node('$(sock 1)', $((port0 + 1)))" \
+	-c "SELECT citus_add_node('$(sock 2)', $((port0 + 2)))" >/dev/null || exit 1
+node1="$(sock 1):$((port0 + 1))"
+node2="$(sock 2):$((port0 + 2))"
+q 0 -c 'SET client_min_messages = warning' -c 'CREATE EXTENSION osv5m CASCADE' || exit 1
+check "the extension reached both workers" \
+	"$(q 1 -c "SELECT extversion FROM pg_extension WHERE extname = 'osv5m'") $(q 2 -c "SELECT extversion FROM pg_extension WHERE extname = 'osv5m'")" \
+	"$(q 0 -c "SELECT extversion || ' ' || extversion FROM pg_extension WHERE extname = 'osv5m'")"
+
+# The source rows, with each image's location computed here, before
+# distributing: the independent answer every enriched row must match.
+q 0 -c "CREATE TABLE src (id int PRIMARY KEY, name text, img bytea, expected geography)" \
+	-c "INSERT INTO src (id, name, img)
+		SELECT 100 * c + row_number() OVER (PARTITION BY c ORDER BY f), f, pg_read_binary_file('$images/' || f)
+		FROM pg_ls_dir('$images') AS f, generate_series(1, 3) AS c" \
+	-c "INSERT INTO src (id, name, img) VALUES
+		(901, 'junk', 'not an image'), (902, 'junk', substring(pg_read_binary_file('$images/jpeg_420_640x480.jpg') FOR 300)),
+		(903, 'junk', '\\x89504e470d0a1a0a'), (904, 'junk', 'still not an image'), (905, 'junk', NULL)" \
+	-c "SET client_min_messages = error" -c "CREATE FUNCTION pg_temp.try_geolocate(b bytea) RETURNS geography LANGUAGE plpgsql AS \$\$
+		BEGIN RETURN geolocate(b); EXCEPTION WHEN OTHERS THEN RETURN NULL; END \$\$" \
+	-c "UPDATE src SET expected = pg_temp.try_geolocate(img) WHERE img IS NOT NULL" || exit 1
+good=$(q 0 -c 'SELECT count(expected) FROM src')
+bad=$(q 0 -c 'SELECT count(*) FROM src WHERE img IS NOT NULL AND expected IS NULL')
+q 0 -c "CREATE TABLE photos (id int PRIMARY KEY, name text, img bytea, loc geography)" \
+	-c "SELECT create_distributed_table('photos', 'id', shard_count => 4)" \
+	-c "INSERT INTO photos (id, name, img) SELECT id, name, img FROM src" >/dev/null || exit 1
+check "4 shards, 2 on each worker" \
+	"$(q 0 -c "SELECT string_agg(nodeport || ':' || n, ' ' ORDER BY nodeport) FROM
+				(SELECT nodeport, count(*) n FROM citus_shards WHERE table_name = 'photos'::regclass GROUP BY 1) s")" \
+	"$((port0 + 1)):2 $((port0 + 2)):2"
+
+# On each worker: a log of the writes to its shards, and a trigger that
+# can make them slow.
+for n in 1 2; do
+	# (Citus refuses DDL on a worker unless it is told not to propagate it)
+	q $n -c 'SET citus.enable_ddl_propagation = off' \
+		-c 'CREATE TABLE writes (shard text, id int, at timestamptz DEFAULT clock_timestamp())' \
+		-c 'CREATE TABLE slow (secs float8 NOT NULL)' -c 'INSERT INTO slow VALUES (0)' \
+		-c "CREATE FUNCTION log_write() RETURNS trigger LANGUAGE plpgsql AS \$\$
+			BEGIN PERFORM pg_sleep((SELECT secs FROM public.slow));
+			INSERT INTO public.writes (shard, id) VALUES (TG_TABLE_NAME, NEW.id); RETURN NEW; END \$\$" || exit 1
+	for shard in $(q 0 -c "SELECT shard_name FROM citus_shards WHERE table_name = 'photos'::regclass AND nodeport = $((port0 + n))"); do
+		q $n -c 'SET citus.enable_ddl_propagation = off' -c "CREATE TRIGGER log_write BEFORE UPDATE OF loc ON $shard FOR EACH ROW WHEN (NEW.loc IS NOT NULL) EXECUTE FUNCTION log_write()" || exit 1
+	done
+done
+
+# ---- refusals ------------------------------------------------------------------------
+q 0 -c "CREATE TABLE ref_photos (id int PRIMARY KEY, img bytea, loc geography)" \
+	-c "SELECT create_reference_table('ref_photos')" >/dev/null
+out=$(q 0 -c "CALL osv5m_enrich('ref_photos', 'img', 'loc')" 2>&1)
+check "a reference table: refused with a hint" \
+	"$(printf '%s\n' "$out" | grep -c -e 'does not support this Citus table: public.ref_photos is a reference table' -e 'HINT:  Its rows are on every node')" 2
+q 0 -c "CREATE TABLE twice (id int PRIMARY KEY, img bytea, loc geography)" \
+	-c "SET citus.shard_replication_factor = 2" -c "SELECT create_distributed_table('twice', 'id', shard_count => 2)" >/dev/null
+out=$(q 0 -c "CALL osv5m_enrich('twice', 'img', 'loc')" 2>&1)
+check "shards with 2 placements: refused with a hint" \
+	"$(printf '%s\n' "$out" | grep -c -e 'does not support this Citus table: shard [0-9]* of public.twice has 2 placements' -e 'HINT:  Writing one placement would make the copies differ')" 2
+variant=$base/gelu-variant
+cp -r "$model" "$variant"
+python3 -c '
+import sys
+with open(sys.argv[1] + "/model.safetensors", "r+b") as f:
+    f.seek(-2, 2)
+    b = f.read(1)[0]
+    f.seek(-2, 2)
+    f.write(bytes([b ^ 1]))
+' "$variant"
+chmod -R a+rX "$variant"
+q 2 -c "ALTER SYSTEM SET osv5m.model_path = '$variant'" -c 'SELECT pg_reload_conf()' >/dev/null
+wait_for "worker 2 takes the variant" 2 'SHOW osv5m.model_path' "$variant"
+out=$(q 0 -c "CALL osv5m_enrich('photos', 'img', 'loc')" 2>&1)
+check "weights that differ in one value: refused, naming the node" \
+	"$(printf '%s\n' "$out" | grep -c "the model differs on node(s) $node2\$")" 1
+check "weights that differ in one value: nothing written" \
+	"$(q 0 -c 'SELECT count(*) FROM photos WHERE loc IS NOT NULL')" 0
+q 2 -c 'ALTER SYSTEM RESET osv5m.model_path' -c 'SELECT pg_reload_conf()' >/dev/null
+wait_for "worker 2 takes the test model back" 2 'SHOW osv5m.model_path' "$model"
+
+# ---- the job, a worker stopped in the middle ---------------------------------------
+for n in 1 2; do q $n -c 'UPDATE slow SET secs = 0.3'; done
+q 0 -c "CALL osv5m_enrich('photos', 'img', 'loc', batch_size => 4)" >"$base/call1.out" 2>&1 &
+call_pid=$!
+busy_sql="SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE 'CALL %osv5m_enrich_local_shards(%'"
+both=no
+end=$((SECONDS + deadline))
+while [ $SECONDS -lt $end ]; do
+	a=$(q 1 -c "$busy_sql" 2>/dev/null)
+	b=$(q 2 -c "$busy_sql" 2>/dev/null)
+	if [ "$a" = 1 ] && [ "$b" = 1 ]; then
+		both=yes
+		break
+	fi
+	sleep 0.1
+done
+check "both workers run osv5m_enrich at once" "$both" yes
+wait_for "the coordinator sees both workers running" 0 \
+	"SELECT string_agg(DISTINCT split_part(node, ':', 2) || ':' || status, ' ') FROM osv5m_citus_progress('photos') WHERE status = 'running'" \
+	"$((port0 + 1)):running $((port0 + 2)):running" && check "the coordinator sees both workers running" ok ok
+wait_for "worker 1 committed batches" 1 'SELECT count(*) >= 4 FROM writes' t
+as_pguser "$PG_BINDIR/pg_ctl" -D "$(node_dir 1)/data" -m immediate -w stop >/dev/null
+end=$((SECONDS + deadline))
+while kill -0 "$call_pid" 2>/dev/null && [ $SECONDS -lt $end ]; do sleep 0.2; done
+wait "$call_pid"
+rc=$?
+call_pid=
+check "the job fails when a worker is lost" "$([ "$rc" -ne 0 ] && echo failed)" failed
+check "its error names the node" \
+	"$(grep -c "ERROR:  osv5m_enrich job [0-9]*: 1 Citus node(s) failed: node $node1" "$base/call1.out")" 1
+check "its hint says to run it again" \
+	"$(grep -c 'HINT:  The other nodes finished their shards' "$base/call1.out")" 1
+check "the job's nodes" \
+	"$(q 0 -c "SELECT string_agg(split_part(server, ':', 2) || ':' || status, ' ' ORDER BY server) FROM osv5m_job_remotes
+				WHERE job_id = (SELECT max(job_id) FROM osv5m_jobs)")" "$((port0 + 1)):failed $((port0 + 2)):done"
+check "worker 2 is done meanwhile" \
+	"$(q 2 -c "SELECT count(*) FROM writes") $(q 2 -c "SELECT count(*) FROM osv5m_errors")" \
+	"$(q 0 -c "SELECT count(*) FILTER (WHERE s.expected IS NOT NULL) || ' ' || count(*) FILTER (WHERE s.expected IS NULL AND s.img IS NOT NULL)
+				FROM src s JOIN citus_shards c ON c.shardid = get_shard_id_for_distribution_column('photos', s.id)
+				WHERE c.nodeport = $((port0 + 2))")"
+check "a stopped worker shows as unreachable" \
+	"$(q 0 -c "SELECT string_agg(DISTINCT split_part(node, ':', 2) || ':' || status, ' ') FROM osv5m_citus_progress('photos')" 2>/dev/null)" \
+	"$((port0 + 1)):unreachable $((port0 + 2)):done"
+
+# ---- restarted, run again ------------------------------------------------------------
+cluster_start "$(node_dir 1)" >/dev/null || exit 1
+for n in 1 2; do q $n -c 'UPDATE slow SET secs = 0'; done
+n1_good=$(q 0 -c "SELECT count(*) FROM src s JOIN citus_shards c ON c.shardid = get_shard_id_for_distribution_column('photos', s.id)
+				 WHERE c.nodeport = $((port0 + 1)) AND s.expected IS NOT NULL")
+check "worker 1 was stopped before its end" "$(q 1 -c "SELECT count(*) < $n1_good FROM writes")" t
+q 0 -c "CALL osv5m_enrich('photos', 'img', 'loc', batch_size => 4, workers => 2)" >"$base/call2.out" 2>&1
+check "the rerun completes" "$?" 0
+q 0 -c "CREATE TABLE got AS SELECT id, loc FROM photos" >/dev/null
+check "every photo located as geolocate() of its own image" \
+	"$(q 0 -c 'SELECT count(*) FILTER (WHERE ST_DWithin(g.loc::geometry, s.expected::geometry, 1e-4))
+				|| $$ of $$ || count(*) FROM got g JOIN src s USING (id) WHERE s.expected IS NOT NULL')" \
+	"$good of $good"
+check "no junk row located" "$(q 0 -c "SELECT count(*) FROM got g JOIN src s USING (id) WHERE s.name = 'junk' AND g.loc IS NOT NULL")" 0
+check "junk rows, each once in its worker's osv5m_errors" \
+	"$(q 0 -c "SELECT string_agg(row_key || 'x' || n, ' ' ORDER BY row_key) FROM
+				(SELECT row_key, count(*) n FROM osv5m_citus_errors('photos') GROUP BY 1) e")" \
+	"901x1 902x1 903x1 904x1"
+check "every photo written exactly once" \
+	"$(($(q 1 -c 'SELECT count(*) FROM writes') + $(q 2 -c 'SELECT count(*) FROM writes'))) writes, $(($(q 1 -c 'SELECT count(DISTINCT id) FROM writes') + $(q 2 -c 'SELECT count(DISTINCT id) FROM writes'))) rows" \
+	"$good writes, $good rows"
+check "the coordinator sees every shard done" \
+	"$(q 0 -c "SELECT count(*) || ' ' || string_agg(DISTINCT status || ':' || rows_left, ' ') FROM osv5m_citus_progress('photos')")" \
+	"4 done:0"
+check "the last job is done on both workers" \
+	"$(q 0 -c "SELECT j.status || ' ' || string_agg(split_part(r.server, ':', 2) || ':' || r.status, ' ' ORDER BY r.server)
+				FROM osv5m_jobs j JOIN osv5m_job_remotes r USING (job_id)
+				WHERE j.job_id = (SELECT max(job_id) FROM osv5m_jobs) GROUP BY j.status")" \
+	"done $((port0 + 1)):done $((port0 + 2)):done"
+check "the background workers on worker 1 wrote its rows left" \
+	"$(q 1 -c "SELECT count(*) > 0 FROM osv5m_job_workers WHERE worker > 0 AND rows_done > 0")" t
+
+# ---- retrying the errors -----------------------------------------------------------------
+q 0 -c "CALL osv5m_enrich('photos', 'img', 'loc', retry_errors => true)" >"$base/call3.out" 2>&1
+check "retry_errors: tried again, recorded again once each" \
+	"$(q 0 -c "SELECT string_agg(row_key || 'x' || n, ' ' ORDER BY row_key) FROM
+				(SELECT row_key, count(*) n FROM osv5m_citus_errors('photos') GROUP BY 1) e") $(grep -c 'the Citus nodes are done: 0 rows done, 4 failed' "$base/call3.out")" \
+	"901x1 902x1 903x1 904x1 1"
+
+echo "citus: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]
