@@ -786,7 +786,8 @@ BEGIN
 				   finished_at = pg_catalog.clock_timestamp()
 			 WHERE r.job_id = job AND r.server = res.nodename || ':' || res.nodeport;
 		END LOOP;
-	EXCEPTION WHEN OTHERS THEN
+	EXCEPTION WHEN query_canceled OR OTHERS THEN
+		-- a cancel reaches the workers too: Citus cancels their commands
 		GET STACKED DIAGNOSTICS e_state = RETURNED_SQLSTATE, e_msg = MESSAGE_TEXT,
 			e_detail = PG_EXCEPTION_DETAIL, e_hint = PG_EXCEPTION_HINT;
 	END;
@@ -794,7 +795,9 @@ BEGIN
 		UPDATE @extschema@.osv5m_job_remotes r
 		   SET status = 'cancelled', message = e_msg, finished_at = pg_catalog.clock_timestamp()
 		 WHERE r.job_id = job AND r.status = 'running';
-		UPDATE @extschema@.osv5m_jobs SET status = 'failed', error = e_msg, finished_at = pg_catalog.clock_timestamp()
+		UPDATE @extschema@.osv5m_jobs
+		   SET status = CASE WHEN e_state = '57014' THEN 'interrupted' ELSE 'failed' END,
+			   error = e_msg, finished_at = pg_catalog.clock_timestamp()
 		 WHERE job_id = job;
 		COMMIT;
 		PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
