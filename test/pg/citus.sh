@@ -10,6 +10,7 @@
 # holds the test images 3 times and junk rows.  Checks:
 #
 #   - CREATE EXTENSION osv5m CASCADE on the coordinator reaches the workers;
+#     SELECT geolocate(img) and geolocate_topk run on the workers (EXPLAIN);
 #   - refusals with a hint: a reference table, a table whose shards have 2
 #     placements, a model that differs on one worker in one weight (the
 #     weights' SHA-256), nothing written;
@@ -128,6 +129,13 @@ check "4 shards, 2 on each worker" \
 	"$(q 0 -c "SELECT string_agg(nodeport || ':' || n, ' ' ORDER BY nodeport) FROM
 				(SELECT nodeport, count(*) n FROM citus_shards WHERE table_name = 'photos'::regclass GROUP BY 1) s")" \
 	"$((port0 + 1)):2 $((port0 + 2)):2"
+
+check "SELECT geolocate(img) runs on the workers (EXPLAIN)" \
+	"$(q 0 -c "EXPLAIN (VERBOSE, COSTS OFF) SELECT id, geolocate(img) FROM photos" |
+		grep -c 'Query: SELECT id, .*osv5m_geolocate_point(img).* FROM public.photos_[0-9]* photos')" 1
+check "geolocate_topk in a lateral join runs on the workers (EXPLAIN)" \
+	"$(q 0 -c "EXPLAIN (VERBOSE, COSTS OFF) SELECT p.id, t.cell FROM photos p CROSS JOIN LATERAL geolocate_topk(p.img, 3) t" |
+		grep -c 'Query: .*FROM (public.photos_[0-9]* p CROSS JOIN LATERAL public.geolocate_topk(p.img, 3)')" 1
 
 # On each worker: a log of the writes to its shards, and a trigger that
 # can make them slow.
