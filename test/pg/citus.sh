@@ -9,7 +9,8 @@
 # The table "photos" is distributed by id over 4 shards (2 per worker) and
 # holds the test images 3 times and junk rows.  Checks:
 #
-#   - CREATE EXTENSION osv5m CASCADE on the coordinator reaches the workers;
+#   - CREATE EXTENSION osv5m CASCADE and ALTER EXTENSION osv5m UPDATE on the
+#     coordinator reach the workers;
 #     SELECT geolocate(img) and geolocate_topk run on the workers (EXPLAIN);
 #   - refusals with a hint: a reference table, a table whose shards have 2
 #     placements, a model that differs on one worker in one weight (the
@@ -103,8 +104,11 @@ q 0 -c "SELECT citus_set_coordinator_host('$(sock 0)', $port0)" \
 	-c "SELECT citus_add_node('$(sock 2)', $((port0 + 2)))" >/dev/null || exit 1
 node1="$(sock 1):$((port0 + 1))"
 node2="$(sock 2):$((port0 + 2))"
-q 0 -c 'SET client_min_messages = warning' -c 'CREATE EXTENSION osv5m CASCADE' || exit 1
-check "the extension reached both workers" \
+# installed at 0.2.0 and updated, as a user upgrading does: Citus runs
+# both statements on the workers too
+q 0 -c 'SET client_min_messages = warning' -c "CREATE EXTENSION osv5m VERSION '0.2.0' CASCADE" \
+	-c 'ALTER EXTENSION osv5m UPDATE' || exit 1
+check "the extension reached both workers, updated" \
 	"$(q 1 -c "SELECT extversion FROM pg_extension WHERE extname = 'osv5m'") $(q 2 -c "SELECT extversion FROM pg_extension WHERE extname = 'osv5m'")" \
 	"$(q 0 -c "SELECT extversion || ' ' || extversion FROM pg_extension WHERE extname = 'osv5m'")"
 
