@@ -229,6 +229,9 @@ const osv_tensor *osv_weights_find(const osv_weights *w, const char *name);
 
 /* SHA-256 of buf[0..size) as 64 lower-case hex digits (sha256.c). */
 void		osv_sha256_hex(const uint8_t *buf, size_t size, char hex[65]);
+/* for the tests: whether the SHA extensions are used, and either path */
+bool		osv_sha256_hardware(void);
+void		osv_sha256_hex_with(const uint8_t *buf, size_t size, char hex[65], bool hardware);
 
 /* ---- model configuration (config.c) ----------------------------------- */
 

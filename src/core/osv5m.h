@@ -28,7 +28,7 @@ extern "C"
 {
 #endif
 
-#define OSV_VERSION "0.1.0"
+#define OSV_VERSION "0.3.0"
 
 /* Default decode limit: 50 megapixels, a little over a 8K x 6K photo. */
 #define OSV_DEFAULT_MAX_PIXELS ((uint64_t) 50 * 1000 * 1000)

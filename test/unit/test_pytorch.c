@@ -1016,22 +1016,62 @@ test_model_dirs(void)
 	clear_tmp();
 }
 
-/* SHA-256 against FIPS 180-4's examples (one block, two blocks, empty). */
+/*
+ * SHA-256 against FIPS 180-4's examples (one block, two blocks, empty), on
+ * the portable path and, where the CPU has the SHA extensions, on the
+ * hardware path; then both paths on pseudo-random buffers of every length
+ * up to 300 bytes and on 1 MB, which must agree.
+ */
 static void
 test_sha256(void)
 {
-	char		hex[65];
+	static const struct
+	{
+		const char *text;
+		const char *digest;
+	}			fips[] = {
+		{"abc", "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"},
+		{"", "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"},
+		{"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq",
+		"248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1"},
+	};
+	bool		hw = osv_sha256_hardware();
+	char		hex[65],
+				other[65];
+	size_t		big = 1 << 20;
+	uint8_t    *buf = malloc(big);
+	uint32_t	x = 12345;
 
+	for (int path = 0; path < (hw ? 2 : 1); path++)
+		for (size_t i = 0; i < sizeof(fips) / sizeof(fips[0]); i++)
+		{
+			osv_sha256_hex_with((const uint8_t *) fips[i].text, strlen(fips[i].text), hex, path == 1);
+			CHECK(strcmp(hex, fips[i].digest) == 0, "%s path, \"%s\": %s",
+				  path ? "hardware" : "portable", fips[i].text, hex);
+		}
 	osv_sha256_hex((const uint8_t *) "abc", 3, hex);
-	CHECK(strcmp(hex, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad") == 0,
-		  "abc: %s", hex);
-	osv_sha256_hex((const uint8_t *) "", 0, hex);
-	CHECK(strcmp(hex, "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855") == 0,
-		  "empty: %s", hex);
-	osv_sha256_hex((const uint8_t *) "abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq",
-				   56, hex);
-	CHECK(strcmp(hex, "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1") == 0,
-		  "56 bytes: %s", hex);
+	CHECK(strcmp(hex, fips[0].digest) == 0, "default path: %s", hex);
+	printf("# sha256: %s path by default\n", hw ? "hardware (SHA extensions)" : "portable");
+	if (!hw || buf == NULL)
+	{
+		free(buf);
+		return;
+	}
+	for (size_t i = 0; i < big; i++)
+	{
+		x = x * 1103515245u + 12345u;
+		buf[i] = (uint8_t) (x >> 16);
+	}
+	for (size_t n = 0; n <= 300; n++)
+	{
+		osv_sha256_hex_with(buf, n, hex, false);
+		osv_sha256_hex_with(buf, n, other, true);
+		CHECK(strcmp(hex, other) == 0, "%zu bytes: portable %s, hardware %s", n, hex, other);
+	}
+	osv_sha256_hex_with(buf, big, hex, false);
+	osv_sha256_hex_with(buf, big, other, true);
+	CHECK(strcmp(hex, other) == 0, "1 MB: portable %s, hardware %s", hex, other);
+	free(buf);
 }
 
 int
