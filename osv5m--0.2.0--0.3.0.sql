@@ -44,63 +44,25 @@ $$;
 
 -- 0.2.0's osv5m_enrich becomes osv5m_enrich_tables: the run on this
 -- server's tables (and on postgres_fdw foreign tables through their own
--- servers), the same body but for its own name where it names a parameter.
--- osv5m_enrich (below) calls it, or, for a Citus distributed table,
--- osv5m_enrich_citus.
+-- servers), the same body but for its own name where it names a parameter
+-- and for its argument checks, now osv5m_enrich_check, shared with the
+-- Citus path.  osv5m_enrich (below) calls it, or, for a Citus distributed
+-- table, osv5m_enrich_citus.
 DROP PROCEDURE @extschema@.osv5m_enrich(regclass, name, name, integer, integer, text, boolean);
 
--- Fill target_column of tbl from image_column for every row whose target
--- is NULL, batch_size rows per transaction, in the calling backend
--- (workers => 1) or in that many background workers (at most
--- osv5m.max_workers).  Must be called outside a transaction block (it
--- commits after every batch).
---
--- A procedure that commits cannot carry a SET clause, so it sets
--- search_path = pg_catalog, pg_temp for each of its transactions (is_local:
--- the caller's setting is back when the CALL ends).  The table's own
--- triggers still run under the caller's (see osv5m_enrich_batch).
-CREATE PROCEDURE @extschema@.osv5m_enrich_tables(tbl regclass, image_column name, target_column name,
-							  batch_size integer DEFAULT 100,
-							  workers integer DEFAULT 1,
-							  on_error text DEFAULT 'skip',
-							  retry_errors boolean DEFAULT false)
-LANGUAGE plpgsql
+-- The arguments of osv5m_enrich, checked before anything is touched: the
+-- same errors whichever kind of table the run is for.
+CREATE FUNCTION @extschema@.osv5m_enrich_check(tbl regclass, image_column name, target_column name,
+											   batch_size integer, workers integer, on_error text)
+RETURNS void
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-	job			bigint;
-	other		bigint;
 	relkind		"char";
-	leaves		regclass[];
 	col_type	text;
 	col			record;
-	total		bigint := 0;
-	n			bigint;
-	leaf		regclass;
-	k			record;
-	started		integer := 0;
-	running		integer;
-	res			record;
-	f			record;
-	last_notice timestamptz := pg_catalog.clock_timestamp();
-	e_state		text;
-	e_msg		text;
-	e_detail	text;
-	e_hint		text;
-	caller_path text;
-	dbl			text;
-	fl			record;
-	remote_leaves regclass[] := '{}';
-	remotes		integer := 0;
-	r_done		numeric;
-	r_failed	numeric;
 BEGIN
-	-- Fails at once, before any work, when called inside a transaction
-	-- block, where the batches could not be committed one by one.
-	COMMIT;
-	caller_path := pg_catalog.current_setting('search_path');
-	PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
-
-	-- ---- check the arguments before touching anything ----
 	IF batch_size IS NULL OR batch_size < 1 THEN
 		RAISE EXCEPTION 'batch_size must be at least 1, got %', coalesce(batch_size::text, 'NULL')
 			USING ERRCODE = 'invalid_parameter_value';
@@ -140,6 +102,60 @@ BEGIN
 				USING ERRCODE = 'datatype_mismatch';
 		END IF;
 	END LOOP;
+END
+$$;
+
+-- Fill target_column of tbl from image_column for every row whose target
+-- is NULL, batch_size rows per transaction, in the calling backend
+-- (workers => 1) or in that many background workers (at most
+-- osv5m.max_workers).  Must be called outside a transaction block (it
+-- commits after every batch).
+--
+-- A procedure that commits cannot carry a SET clause, so it sets
+-- search_path = pg_catalog, pg_temp for each of its transactions (is_local:
+-- the caller's setting is back when the CALL ends).  The table's own
+-- triggers still run under the caller's (see osv5m_enrich_batch).
+CREATE PROCEDURE @extschema@.osv5m_enrich_tables(tbl regclass, image_column name, target_column name,
+							  batch_size integer DEFAULT 100,
+							  workers integer DEFAULT 1,
+							  on_error text DEFAULT 'skip',
+							  retry_errors boolean DEFAULT false)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+	job			bigint;
+	other		bigint;
+	leaves		regclass[];
+	total		bigint := 0;
+	n			bigint;
+	leaf		regclass;
+	k			record;
+	started		integer := 0;
+	running		integer;
+	res			record;
+	f			record;
+	last_notice timestamptz := pg_catalog.clock_timestamp();
+	e_state		text;
+	e_msg		text;
+	e_detail	text;
+	e_hint		text;
+	caller_path text;
+	dbl			text;
+	fl			record;
+	remote_leaves regclass[] := '{}';
+	remotes		integer := 0;
+	r_done		numeric;
+	r_failed	numeric;
+BEGIN
+	-- Fails at once, before any work, when called inside a transaction
+	-- block, where the batches could not be committed one by one.
+	COMMIT;
+	caller_path := pg_catalog.current_setting('search_path');
+	PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+
+	-- ---- check the arguments before touching anything ----
+	PERFORM @extschema@.osv5m_enrich_check(tbl, image_column, target_column, batch_size, workers, on_error);
+
 	-- the rows live in these tables; the run works on them, and on no
 	-- other, whatever is attached or detached while it runs
 	leaves := @extschema@.osv5m_leaf_tables(tbl);
@@ -608,8 +624,6 @@ DECLARE
 	other		bigint;
 	leaves		regclass[];
 	dist		regclass[];
-	col			record;
-	col_type	text;
 	why			text;
 	hint		text;
 	here		text;
@@ -631,36 +645,7 @@ BEGIN
 	COMMIT;
 	PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
 
-	-- ---- the arguments, as osv5m_enrich_tables checks them ----
-	IF batch_size IS NULL OR batch_size < 1 THEN
-		RAISE EXCEPTION 'batch_size must be at least 1, got %', coalesce(batch_size::text, 'NULL')
-			USING ERRCODE = 'invalid_parameter_value';
-	END IF;
-	IF workers IS NULL OR workers < 1 OR workers > 64 THEN
-		RAISE EXCEPTION 'workers must be between 1 and 64, got %', coalesce(workers::text, 'NULL')
-			USING ERRCODE = 'invalid_parameter_value';
-	END IF;
-	IF on_error IS NULL OR on_error NOT IN ('skip', 'stop') THEN
-		RAISE EXCEPTION 'on_error must be ''skip'' or ''stop'', got %', coalesce(pg_catalog.quote_literal(on_error), 'NULL')
-			USING ERRCODE = 'invalid_parameter_value';
-	END IF;
-	FOR col IN SELECT x.name, x.kind, x.allowed
-				 FROM (VALUES (image_column, 'image', ARRAY['bytea']),
-							  (target_column, 'target', ARRAY['geography', 'geometry'])) x(name, kind, allowed)
-	LOOP
-		SELECT t.typname INTO col_type
-		  FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
-		 WHERE a.attrelid = tbl AND a.attname = col.name AND a.attnum > 0 AND NOT a.attisdropped;
-		IF NOT FOUND THEN
-			RAISE EXCEPTION 'column "%" of relation % does not exist', col.name, tbl
-				USING ERRCODE = 'undefined_column';
-		END IF;
-		IF NOT col_type = ANY (col.allowed) THEN
-			RAISE EXCEPTION '% column "%" of relation % has type %, expected %', col.kind, col.name, tbl, col_type,
-				pg_catalog.array_to_string(col.allowed, ' or ')
-				USING ERRCODE = 'datatype_mismatch';
-		END IF;
-	END LOOP;
+	PERFORM @extschema@.osv5m_enrich_check(tbl, image_column, target_column, batch_size, workers, on_error);
 
 	-- ---- what this path supports ----
 	leaves := @extschema@.osv5m_leaf_tables(tbl);
