@@ -496,10 +496,15 @@ AS $$
 DECLARE
 	caller_path text := pg_catalog.current_setting('search_path');
 	shown		text;
+	check_interval text;
 	shards		regclass[];
 	shard		regclass;
 BEGIN
 	PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+	-- when the caller goes away (the coordinator's session ended), stop
+	-- within a second instead of enriching every shard to the end
+	check_interval := pg_catalog.current_setting('client_connection_check_interval');
+	PERFORM pg_catalog.set_config('client_connection_check_interval', '1s', false);
 	-- osv5m_enrich reads the catalog, where Citus hides shards from
 	-- ordinary sessions; put back as it was at the end
 	shown := pg_catalog.current_setting('citus.show_shards_for_app_name_prefixes', true);
@@ -516,6 +521,7 @@ BEGIN
 											 workers, on_error, retry_errors);
 	END LOOP;
 	PERFORM pg_catalog.set_config('citus.show_shards_for_app_name_prefixes', shown, false);
+	PERFORM pg_catalog.set_config('client_connection_check_interval', check_interval, false);
 END
 $$;
 

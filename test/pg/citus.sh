@@ -24,7 +24,10 @@
 #   - every row's location equals geolocate() of its own image computed
 #     beforehand on the coordinator, every junk row is in its worker's
 #     osv5m_errors exactly once (osv5m_citus_errors), nothing was written
-#     twice (a trigger log on each shard), and retry_errors retries them.
+#     twice (a trigger log on each shard), and retry_errors retries them;
+#   - a cancel of the coordinator's CALL, and its session terminated: the
+#     runs on both workers stop, the job shows interrupted, a rerun
+#     completes with every row written once.
 #
 # Nothing depends on timing: a slow trigger on the shards makes the runs
 # last, and every wait polls what it waits for with a deadline of
@@ -301,6 +304,32 @@ q 0 -c "CALL osv5m_enrich('photos', 'img', 'loc')" >"$base/call5.out" 2>&1
 check "after the cancel, a rerun completes" "$?" 0
 q 0 -c "DROP TABLE got" -c "CREATE TABLE got AS SELECT id, loc FROM photos" >/dev/null
 check "after the cancel: every photo located, each written once" \
+	"$(q 0 -c 'SELECT count(*) FILTER (WHERE ST_DWithin(g.loc::geometry, s.expected::geometry, 1e-4))
+				FROM got g JOIN src s USING (id) WHERE s.expected IS NOT NULL') $(($(q 1 -c 'SELECT count(*) FROM writes') + $(q 2 -c 'SELECT count(*) FROM writes')))" \
+	"$good $good"
+
+# ---- the coordinator's session killed --------------------------------------------------
+q 0 -c 'UPDATE photos SET loc = NULL' >/dev/null
+for n in 1 2; do q $n -c 'TRUNCATE writes' -c 'UPDATE slow SET secs = 0.3'; done
+q 0 -c "SET application_name = 'citus-kill'" -c "CALL osv5m_enrich('photos', 'img', 'loc', batch_size => 4)" \
+	>"$base/call6.out" 2>&1 &
+call_pid=$!
+wait_for "both workers busy before the kill" 0 \
+	"SELECT count(*) FROM osv5m_citus_progress('photos') WHERE status = 'running'" 2 >/dev/null
+q 0 -c "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'citus-kill'" >/dev/null
+wait "$call_pid"
+call_pid=
+wait_for "the workers stop when the coordinator's session is gone" 0 \
+	"SELECT string_agg(r.result, ' ') FROM run_command_on_workers(
+		\$\$SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE 'CALL %osv5m_enrich_local_shards(%'\$\$) r" \
+	"0 0" && check "the workers stop when the coordinator's session is gone" ok ok
+check "the job shows as interrupted" \
+	"$(q 0 -c "SELECT status FROM osv5m_progress WHERE job_id = (SELECT max(job_id) FROM osv5m_jobs)")" interrupted
+for n in 1 2; do q $n -c 'UPDATE slow SET secs = 0'; done
+q 0 -c "CALL osv5m_enrich('photos', 'img', 'loc')" >"$base/call7.out" 2>&1
+check "after the kill, a rerun completes" "$?" 0
+q 0 -c 'DROP TABLE got' -c 'CREATE TABLE got AS SELECT id, loc FROM photos' >/dev/null
+check "after the kill: every photo located, each written once" \
 	"$(q 0 -c 'SELECT count(*) FILTER (WHERE ST_DWithin(g.loc::geometry, s.expected::geometry, 1e-4))
 				FROM got g JOIN src s USING (id) WHERE s.expected IS NOT NULL') $(($(q 1 -c 'SELECT count(*) FROM writes') + $(q 2 -c 'SELECT count(*) FROM writes')))" \
 	"$good $good"
