@@ -528,6 +528,23 @@ $$;
 COMMENT ON PROCEDURE @extschema@.osv5m_enrich_local_shards(regclass, name, name, integer, integer, text, boolean) IS
 'osv5m_enrich on the shards of a Citus distributed table that this node holds, one after the other';
 
+-- A command run on every Citus worker at once (run_command_on_workers,
+-- through Citus's own connections), each node's outcome as node =
+-- 'host:port', whether it succeeded, and its result or error.  Dynamic,
+-- because Citus need not be installed where osv5m is.
+CREATE FUNCTION @extschema@.osv5m_on_workers(cmd text)
+RETURNS TABLE(node text, success boolean, result text)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	RETURN QUERY EXECUTE
+		'SELECT r.nodename || '':'' || r.nodeport, r.success, r.result'
+		'  FROM pg_catalog.run_command_on_workers($1, true) r ORDER BY r.nodename, r.nodeport'
+	USING cmd;
+END
+$$;
+
 -- Every node's account of tbl's shards (Citus): per shard, the latest
 -- osv5m_enrich run on it, asked over run_command_on_workers now.  A node
 -- that does not answer is listed with status 'unreachable'.
@@ -553,10 +570,8 @@ BEGIN
 		' LEFT JOIN LATERAL (SELECT * FROM %1$I.osv5m_progress q WHERE q.table_name = s.shard'
 		' ORDER BY q.job_id DESC LIMIT 1) p ON true) x',
 		'@extschema@', tbl::text);
-	FOR res IN EXECUTE 'SELECT r.nodename, r.nodeport, r.success, r.result'
-					   ' FROM pg_catalog.run_command_on_workers($1, true) r ORDER BY 1, 2' USING cmd
-	LOOP
-		node := res.nodename || ':' || res.nodeport;
+	FOR res IN SELECT * FROM @extschema@.osv5m_on_workers(cmd) LOOP
+		node := res.node;
 		IF NOT res.success THEN
 			shard := NULL; job_id := NULL; status := 'unreachable'; rows_done := NULL; rows_failed := NULL;
 			rows_left := NULL; rows_per_second := NULL; updated_at := NULL; error := res.result;
@@ -597,10 +612,8 @@ BEGIN
 		' e.detail, e.job_id, e.recorded_at FROM %1$I.osv5m_errors e'
 		' WHERE e.tbl = ANY (%1$I.osv5m_local_shards(%2$L::regclass))) x',
 		'@extschema@', tbl::text);
-	FOR res IN EXECUTE 'SELECT r.nodename, r.nodeport, r.success, r.result'
-					   ' FROM pg_catalog.run_command_on_workers($1, true) r ORDER BY 1, 2' USING cmd
-	LOOP
-		node := res.nodename || ':' || res.nodeport;
+	FOR res IN SELECT * FROM @extschema@.osv5m_on_workers(cmd) LOOP
+		node := res.node;
 		IF NOT res.success THEN
 			RAISE WARNING 'osv5m_citus_errors: node % did not answer: %', node, res.result;
 			CONTINUE;
@@ -707,11 +720,10 @@ BEGIN
 	EXCEPTION WHEN OTHERS THEN
 		here := NULL;	-- no model here: the workers are compared among themselves
 	END;
-	FOR res IN EXECUTE 'SELECT r.nodename, r.nodeport, r.success, r.result'
-					   ' FROM pg_catalog.run_command_on_workers($1, true) r ORDER BY 1, 2'
-			   USING pg_catalog.format('SELECT %1$I.osv5m_model_fingerprint(%1$I.osv5m_model_info())', '@extschema@')
+	FOR res IN SELECT * FROM @extschema@.osv5m_on_workers(
+				   pg_catalog.format('SELECT %1$I.osv5m_model_fingerprint(%1$I.osv5m_model_info())', '@extschema@'))
 	LOOP
-		node := res.nodename || ':' || res.nodeport;
+		node := res.node;
 		IF NOT res.success THEN
 			RAISE EXCEPTION 'osv5m_enrich: node % cannot load its model: %', node, res.result
 				USING ERRCODE = 'object_not_in_prerequisite_state',
@@ -768,14 +780,12 @@ BEGIN
 		'CALL %I.osv5m_enrich_local_shards(%L::regclass, %L, %L, batch_size => %s, workers => %s, on_error => %L, retry_errors => %L)',
 		'@extschema@', tbl::text, image_column, target_column, batch_size, workers, on_error, retry_errors);
 	BEGIN
-		FOR res IN EXECUTE 'SELECT r.nodename, r.nodeport, r.success, r.result'
-						   ' FROM pg_catalog.run_command_on_workers($1, true) r' USING cmd
-		LOOP
+		FOR res IN SELECT * FROM @extschema@.osv5m_on_workers(cmd) LOOP
 			UPDATE @extschema@.osv5m_job_remotes r
 			   SET status = CASE WHEN res.success THEN 'done' ELSE 'failed' END,
 				   message = CASE WHEN NOT res.success THEN res.result END,
 				   finished_at = pg_catalog.clock_timestamp()
-			 WHERE r.job_id = job AND r.server = res.nodename || ':' || res.nodeport;
+			 WHERE r.job_id = job AND r.server = res.node;
 		END LOOP;
 	EXCEPTION WHEN query_canceled OR OTHERS THEN
 		-- a cancel reaches the workers too: Citus cancels their commands

@@ -274,14 +274,36 @@ check "retry_errors: tried again, recorded again once each" \
 				(SELECT row_key, count(*) n FROM osv5m_citus_errors('photos') GROUP BY 1) e") $(grep -c 'the Citus nodes are done: 0 rows done, 4 failed' "$base/call3.out")" \
 	"901x1 902x1 903x1 904x1 1"
 
-# ---- cancelled on the coordinator -----------------------------------------------------
-q 0 -c 'UPDATE photos SET loc = NULL' >/dev/null
-for n in 1 2; do q $n -c 'TRUNCATE writes' -c 'UPDATE slow SET secs = 0.3'; done
-q 0 -c "SET application_name = 'citus-cancel'" -c "CALL osv5m_enrich('photos', 'img', 'loc', batch_size => 4)" \
-	>"$base/call4.out" 2>&1 &
-call_pid=$!
-wait_for "both workers busy before the cancel" 0 \
-	"SELECT count(*) FROM osv5m_citus_progress('photos') WHERE status = 'running'" 2 >/dev/null
+# ---- the coordinator's call cancelled, and its session killed ---------------------------
+# start_slow_job NAME: all locations cleared, the shards' writes slow, the
+# job started in the background as application NAME, both workers busy
+start_slow_job() {
+	q 0 -c 'UPDATE photos SET loc = NULL' >/dev/null
+	for n in 1 2; do q $n -c 'TRUNCATE writes' -c 'UPDATE slow SET secs = 0.3'; done
+	q 0 -c "SET application_name = '$1'" -c "CALL osv5m_enrich('photos', 'img', 'loc', batch_size => 4)" \
+		>"$base/$1.out" 2>&1 &
+	call_pid=$!
+	wait_for "both workers busy ($1)" 0 \
+		"SELECT count(*) FROM osv5m_citus_progress('photos') WHERE status = 'running'" 2
+}
+# stopped_then_rerun WHY: no run left on the workers; a rerun completes
+# with every photo located and written once
+stopped_then_rerun() {
+	wait_for "the workers stop ($1)" 0 \
+		"SELECT string_agg(r.result, ' ') FROM run_command_on_workers(
+			\$\$SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE 'CALL %osv5m_enrich_local_shards(%'\$\$) r" \
+		"0 0" && check "the workers stop ($1)" ok ok
+	for n in 1 2; do q $n -c 'UPDATE slow SET secs = 0'; done
+	q 0 -c "CALL osv5m_enrich('photos', 'img', 'loc')" >"$base/rerun-$1.out" 2>&1
+	check "after the $1, a rerun completes" "$?" 0
+	q 0 -c 'DROP TABLE got' -c 'CREATE TABLE got AS SELECT id, loc FROM photos' >/dev/null
+	check "after the $1: every photo located, each written once" \
+		"$(q 0 -c 'SELECT count(*) FILTER (WHERE ST_DWithin(g.loc::geometry, s.expected::geometry, 1e-4))
+					FROM got g JOIN src s USING (id) WHERE s.expected IS NOT NULL') $(($(q 1 -c 'SELECT count(*) FROM writes') + $(q 2 -c 'SELECT count(*) FROM writes')))" \
+		"$good $good"
+}
+
+start_slow_job citus-cancel
 wait_for "worker 2 committed batches before the cancel" 2 'SELECT count(*) >= 4 FROM writes' t
 q 0 -c "SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE application_name = 'citus-cancel'" >/dev/null
 end=$((SECONDS + deadline))
@@ -289,50 +311,23 @@ while kill -0 "$call_pid" 2>/dev/null && [ $SECONDS -lt $end ]; do sleep 0.2; do
 wait "$call_pid"
 call_pid=
 check "a cancel on the coordinator ends the call" \
-	"$(grep -c 'ERROR:  canceling statement due to user request' "$base/call4.out")" 1
-wait_for "the cancel reaches both workers" 0 \
-	"SELECT string_agg(r.result, ' ') FROM run_command_on_workers(
-		\$\$SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE 'CALL %osv5m_enrich_local_shards(%'\$\$) r" \
-	"0 0" && check "the cancel reaches both workers" ok ok
+	"$(grep -c 'ERROR:  canceling statement due to user request' "$base/citus-cancel.out")" 1
 check "the cancelled job and its nodes" \
 	"$(q 0 -c "SELECT j.status || ' ' || string_agg(r.status, ' ' ORDER BY r.server)
 				FROM osv5m_jobs j JOIN osv5m_job_remotes r USING (job_id)
 				WHERE j.job_id = (SELECT max(job_id) FROM osv5m_jobs) GROUP BY j.status")" \
 	"interrupted cancelled cancelled"
-for n in 1 2; do q $n -c 'UPDATE slow SET secs = 0'; done
-q 0 -c "CALL osv5m_enrich('photos', 'img', 'loc')" >"$base/call5.out" 2>&1
-check "after the cancel, a rerun completes" "$?" 0
-q 0 -c "DROP TABLE got" -c "CREATE TABLE got AS SELECT id, loc FROM photos" >/dev/null
-check "after the cancel: every photo located, each written once" \
-	"$(q 0 -c 'SELECT count(*) FILTER (WHERE ST_DWithin(g.loc::geometry, s.expected::geometry, 1e-4))
-				FROM got g JOIN src s USING (id) WHERE s.expected IS NOT NULL') $(($(q 1 -c 'SELECT count(*) FROM writes') + $(q 2 -c 'SELECT count(*) FROM writes')))" \
-	"$good $good"
+stopped_then_rerun cancel
 
-# ---- the coordinator's session killed --------------------------------------------------
-q 0 -c 'UPDATE photos SET loc = NULL' >/dev/null
-for n in 1 2; do q $n -c 'TRUNCATE writes' -c 'UPDATE slow SET secs = 0.3'; done
-q 0 -c "SET application_name = 'citus-kill'" -c "CALL osv5m_enrich('photos', 'img', 'loc', batch_size => 4)" \
-	>"$base/call6.out" 2>&1 &
-call_pid=$!
-wait_for "both workers busy before the kill" 0 \
-	"SELECT count(*) FROM osv5m_citus_progress('photos') WHERE status = 'running'" 2 >/dev/null
+start_slow_job citus-kill
 q 0 -c "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'citus-kill'" >/dev/null
 wait "$call_pid"
 call_pid=
-wait_for "the workers stop when the coordinator's session is gone" 0 \
-	"SELECT string_agg(r.result, ' ') FROM run_command_on_workers(
-		\$\$SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE 'CALL %osv5m_enrich_local_shards(%'\$\$) r" \
-	"0 0" && check "the workers stop when the coordinator's session is gone" ok ok
-check "the job shows as interrupted" \
-	"$(q 0 -c "SELECT status FROM osv5m_progress WHERE job_id = (SELECT max(job_id) FROM osv5m_jobs)")" interrupted
-for n in 1 2; do q $n -c 'UPDATE slow SET secs = 0'; done
-q 0 -c "CALL osv5m_enrich('photos', 'img', 'loc')" >"$base/call7.out" 2>&1
-check "after the kill, a rerun completes" "$?" 0
-q 0 -c 'DROP TABLE got' -c 'CREATE TABLE got AS SELECT id, loc FROM photos' >/dev/null
-check "after the kill: every photo located, each written once" \
-	"$(q 0 -c 'SELECT count(*) FILTER (WHERE ST_DWithin(g.loc::geometry, s.expected::geometry, 1e-4))
-				FROM got g JOIN src s USING (id) WHERE s.expected IS NOT NULL') $(($(q 1 -c 'SELECT count(*) FROM writes') + $(q 2 -c 'SELECT count(*) FROM writes')))" \
-	"$good $good"
+# (once the killed backend has left pg_stat_activity)
+wait_for "the killed session's job shows as interrupted" 0 \
+	"SELECT status FROM osv5m_progress WHERE job_id = (SELECT max(job_id) FROM osv5m_jobs)" interrupted &&
+	check "the killed session's job shows as interrupted" ok ok
+stopped_then_rerun kill
 
 echo "citus: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]
