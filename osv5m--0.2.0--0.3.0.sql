@@ -447,10 +447,11 @@ $$;
 
 -- The shards of tbl's distributed leaf tables that this node holds.
 -- Citus names a shard after its table (shard_name(), unqualified in the
--- schema public): it is looked up in its table's schema.
+-- schema public): it is looked up in its table's schema, set as the
+-- search_path for that moment (so the function is not STABLE).
 CREATE FUNCTION @extschema@.osv5m_local_shards(tbl regclass)
 RETURNS regclass[]
-LANGUAGE plpgsql STABLE
+LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
