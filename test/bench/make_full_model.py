@@ -43,6 +43,25 @@ FULL = dict(seed=2024, image=224, patch=14, hidden=1024, heads=16, layers=24,
             config="flat", mean=mm.CLIP_MEAN, std=mm.CLIP_STD, scale_tanh=1.2)
 
 
+def drawn_tensors(rng):
+    """The safetensors header of the model, and a generator of its tensors
+    in file order, each (name, dtype, byte size, array) drawn from rng when
+    asked for: the one order both layouts draw in, so that they hold the
+    same weights, and one tensor in memory at a time for the safetensors
+    file."""
+    specs = {name: (shape, kind, scale) for name, shape, kind, scale in mm.weight_specs(FULL)}
+    entries = [(name, "I64" if kind == "ids" else "F32", shape)
+               for name, (shape, kind, scale) in specs.items()]
+    header, layout = mm.safetensors_header(entries, {"format": "pt"})
+
+    def tensors():
+        for name, begin, end in layout:
+            shape, kind, scale = specs[name]
+            dtype = "I64" if kind == "ids" else "F32"
+            yield name, dtype, end - begin, mm.draw(shape, kind, scale, rng)
+    return header, tensors()
+
+
 def main():
     """Command line: write the model directory."""
     ap = argparse.ArgumentParser(description="random model with osv5m/baseline's shapes")
@@ -57,18 +76,13 @@ def main():
     os.makedirs(out, exist_ok=True)
     rng = np.random.Generator(np.random.PCG64(FULL["seed"]))
     t0 = time.time()
-
-    specs = {name: (shape, kind, scale) for name, shape, kind, scale in mm.weight_specs(FULL)}
-    entries = [(name, "I64" if kind == "ids" else "F32", shape)
-               for name, (shape, kind, scale) in specs.items()]
-    header, layout = mm.safetensors_header(entries, {"format": "pt"})
+    header, tensors = drawn_tensors(rng)
     tmp = os.path.join(out, "model.safetensors.tmp")
     with open(tmp, "wb") as f:
         f.write(header)
-        for name, begin, end in layout:
-            shape, kind, scale = specs[name]
-            data = mm.to_bytes(mm.draw(shape, kind, scale, rng), "I64" if kind == "ids" else "F32")
-            assert len(data) == end - begin
+        for name, dtype, size, array in tensors:
+            data = mm.to_bytes(array, dtype)
+            assert len(data) == size
             f.write(data)
     # Rename last so that an interrupted run never leaves a plausible file.
     os.replace(tmp, os.path.join(out, "model.safetensors"))
@@ -90,15 +104,8 @@ def write_published(out):
         sys.exit("the directory of a published-layout model must end in -pt: %s" % out)
     rng = np.random.Generator(np.random.PCG64(FULL["seed"]))
     t0 = time.time()
-    specs = {name: (shape, kind, scale) for name, shape, kind, scale in mm.weight_specs(FULL)}
-    entries = [(name, "I64" if kind == "ids" else "F32", shape)
-               for name, (shape, kind, scale) in specs.items()]
-    _, layout = mm.safetensors_header(entries, {"format": "pt"})
-    weights = {}
-    for name, _, _ in layout:
-        shape, kind, scale = specs[name]
-        a = mm.draw(shape, kind, scale, rng)
-        weights[name] = a if kind == "ids" else a.astype(np.float32)
+    _, tensors = drawn_tensors(rng)
+    weights = {name: array for name, _, _, array in tensors}
     rows = mm.make_quadtree(FULL["cells"], rng)
     mm.write_published(os.path.basename(out)[:-3], FULL, weights, rows, os.path.dirname(out))
     size = os.path.getsize(os.path.join(out, "pytorch_model.bin"))

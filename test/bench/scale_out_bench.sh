@@ -34,14 +34,10 @@ mkdir -p "$BASE"
 cc -std=gnu11 -O3 -pthread -o "$BASE/fma_peak" test/bench/fma_peak.c
 echo "cpu: $(lscpu | sed -nE 's/^Model name: *//p'), $(nproc) cores; fma peak: $("$BASE/fma_peak" "$(nproc)" 1)"
 
-node_dir() { echo "$BASE/node$1"; }
-sock() {
-	local d
-	d=$(node_dir "$1")
-	[ -L "$d/sock" ] && readlink "$d/sock" || echo "$d/sock"
-}
-q() { local n=$1; shift; psql -X -q -At -v ON_ERROR_STOP=1 -h "$(sock "$n")" -p $((PORT0 + n)) -U postgres -d postgres "$@"; }
-cleanup() { for n in 0 1 2; do cluster_stop "$(node_dir $n)" >/dev/null 2>&1; done; }
+base=$BASE
+port0=$PORT0
+. test/pg/nodes.sh
+cleanup() { stop_nodes 0 1 2; }
 trap cleanup EXIT
 cleanup
 rm -rf "$BASE"/node*
@@ -64,7 +60,7 @@ q 2 -c "CREATE TABLE half_rows AS SELECT * FROM ($src) s WHERE id > $half" \
 q 0 -c 'CREATE EXTENSION postgres_fdw' -c 'CREATE EXTENSION dblink'
 for n in 1 2; do
 	q 0 -c "CREATE SERVER s$n FOREIGN DATA WRAPPER postgres_fdw
-			OPTIONS (host '$(sock $n)', port '$((PORT0 + n))', dbname 'postgres', extensions 'osv5m, postgis')" \
+			OPTIONS (host '$(node_sock $n)', port '$((PORT0 + n))', dbname 'postgres', extensions 'osv5m, postgis')" \
 		-c "CREATE USER MAPPING FOR CURRENT_USER SERVER s$n OPTIONS (user 'postgres')"
 done
 q 0 -c 'CREATE TABLE one_shard (id int, img bytea, loc geography) PARTITION BY RANGE (id)' \

@@ -57,42 +57,15 @@ images=$root/test/data/images
 passed=0
 failed=0
 
-check() {
-	local name=$1 got=$2 want=$3
-	if [ "$got" = "$want" ]; then
-		passed=$((passed + 1))
-		echo "ok $((passed + failed)) - $name"
-	else
-		failed=$((failed + 1))
-		echo "not ok $((passed + failed)) - $name: got '$got', want '$want'"
-	fi
-}
-node_dir() { echo "$base/node$1"; }
-sock() {
-	local d
-	d=$(node_dir "$1")
-	[ -L "$d/sock" ] && readlink "$d/sock" || echo "$d/sock"
-}
-q() { local n=$1; shift; psql -X -q -At -v ON_ERROR_STOP=1 -h "$(sock "$n")" -p $((port0 + n)) -U postgres -d postgres "$@"; }
-# wait_for NAME NODE SQL WANT: poll until SQL on NODE prints WANT
-wait_for() {
-	local name=$1 n=$2 sql=$3 want=$4 got end=$((SECONDS + deadline))
-	while [ $SECONDS -lt $end ]; do
-		got=$(q "$n" -c "$sql" 2>/dev/null)
-		[ "$got" = "$want" ] && return 0
-		sleep 0.2
-	done
-	check "$name (waited ${deadline} s)" "$got" "$want"
-	return 1
-}
+source test/pg/nodes.sh
 cleanup() {
 	[ -n "${call_pid:-}" ] && kill "$call_pid" 2>/dev/null
-	for n in 0 1 2; do cluster_stop "$(node_dir $n)" >/dev/null 2>&1; done
+	stop_nodes 0 1 2
 }
 trap cleanup EXIT
 
 # ---- three servers ----------------------------------------------------------------
-for n in 0 1 2; do cluster_stop "$(node_dir $n)" >/dev/null 2>&1; done	# a previous run's
+stop_nodes 0 1 2	# a previous run's
 rm -rf "$base"
 mkdir -p "$base"
 for n in 0 1 2; do
@@ -102,11 +75,11 @@ for n in 0 1 2; do
 	cluster_start "$(node_dir $n)" >/dev/null || exit 1
 	q $n -c 'CREATE EXTENSION citus' || exit 1
 done
-q 0 -c "SELECT citus_set_coordinator_host('$(sock 0)', $port0)" \
-	-c "SELECT citus_add_node('$(sock 1)', $((port0 + 1)))" \
-	-c "SELECT citus_add_node('$(sock 2)', $((port0 + 2)))" >/dev/null || exit 1
-node1="$(sock 1):$((port0 + 1))"
-node2="$(sock 2):$((port0 + 2))"
+q 0 -c "SELECT citus_set_coordinator_host('$(node_sock 0)', $port0)" \
+	-c "SELECT citus_add_node('$(node_sock 1)', $((port0 + 1)))" \
+	-c "SELECT citus_add_node('$(node_sock 2)', $((port0 + 2)))" >/dev/null || exit 1
+node1="$(node_sock 1):$((port0 + 1))"
+node2="$(node_sock 2):$((port0 + 2))"
 # installed at 0.2.0 and updated, as a user upgrading does: Citus runs
 # both statements on the workers too
 q 0 -c 'SET client_min_messages = warning' -c "CREATE EXTENSION osv5m VERSION '0.2.0' CASCADE" \

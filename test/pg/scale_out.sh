@@ -48,44 +48,11 @@ images=$root/test/data/images
 passed=0
 failed=0
 
-check() {
-	local name=$1 got=$2 want=$3
-	if [ "$got" = "$want" ]; then
-		passed=$((passed + 1))
-		echo "ok $((passed + failed)) - $name"
-	else
-		failed=$((failed + 1))
-		echo "not ok $((passed + failed)) - $name: got '$got', want '$want'"
-	fi
-}
-
-node_dir() { echo "$base/node$1"; }
-# q N SQL...: run psql on node N (0: coordinator)
-q() {
-	local n=$1; shift
-	psql -X -q -At -v ON_ERROR_STOP=1 -h "$(cluster_sockdir "$(node_dir "$n")")" \
-		-p $((port0 + n)) -U postgres -d postgres "$@"
-}
-
-# wait_for NAME NODE SQL WANT: poll until SQL on NODE prints WANT
-wait_for() {
-	local name=$1 n=$2 sql=$3 want=$4 got="" end=$((SECONDS + deadline))
-	while :; do
-		got=$(q "$n" -c "$sql" 2>/dev/null)
-		[ "$got" = "$want" ] && return 0
-		if [ $SECONDS -ge $end ]; then
-			check "$name (waited ${deadline} s)" "$got" "$want"
-			return 1
-		fi
-		sleep 0.2
-	done
-}
+source test/pg/nodes.sh
 
 cleanup() {
 	[ -n "${call_pid:-}" ] && kill "$call_pid" 2>/dev/null
-	for n in 0 1 2; do
-		cluster_stop "$(node_dir "$n")"
-	done
+	stop_nodes 0 1 2
 }
 trap cleanup EXIT
 
@@ -122,11 +89,11 @@ for n in 1 2; do
 done
 # a database on shard 2 without osv5m, for a refusal
 q 2 -c 'CREATE DATABASE bare'
-psql -X -q -h "$(cluster_sockdir "$(node_dir 2)")" -p $((port0 + 2)) -U postgres -d bare \
+psql -X -q -h "$(node_sock 2)" -p $((port0 + 2)) -U postgres -d bare \
 	-c 'CREATE TABLE bare_photos (id int, img bytea, loc bytea)'
 
-s1=$(cluster_sockdir "$(node_dir 1)")
-s2=$(cluster_sockdir "$(node_dir 2)")
+s1=$(node_sock 1)
+s2=$(node_sock 2)
 q 0 <<-SQL || exit 1
 SET client_min_messages = warning;
 CREATE EXTENSION osv5m CASCADE;
