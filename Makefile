@@ -17,15 +17,17 @@ CORE_OBJS = $(CORE_SRCS:.c=.o)
 PG_SRCS = $(sort $(wildcard src/pg/*.c))
 OBJS = $(CORE_OBJS) $(PG_SRCS:.c=.o)
 
-# -march=native: the extension is built on the machine that runs it; the
-# vectorised kernels (layer norm, GELU, softmax) are a large part of the time
-# left over after the matrix products.  Override with OSV_ARCH= for a
-# portable build.
-OSV_ARCH ?= -march=native
-OSV_LIBS = -ljpeg -lpng -ldl -lm
+# One portable build: no -march.  The hot loops carry their own target
+# attributes and are chosen at run time from the CPU (src/core/gemm.c,
+# network.c).  -ffp-contract=off: the compiler never fuses a multiply and an
+# add on its own, so every instruction set computes the same bits (the
+# kernels fuse explicitly, the same way on every path).
+OSV_ARCH ?=
+OSV_FPFLAGS = -ffp-contract=off
+OSV_LIBS = -ljpeg -lpng -ldl -lm -pthread
 
 PG_CPPFLAGS = -Isrc/core
-PG_CFLAGS = -std=gnu11 -O3 $(OSV_ARCH)
+PG_CFLAGS = -std=gnu11 -O3 -pthread $(OSV_FPFLAGS) $(OSV_ARCH)
 SHLIB_LINK = $(OSV_LIBS)
 
 REGRESS = $(patsubst sql/%.sql,%,$(sort $(wildcard sql/*.sql)))
@@ -42,12 +44,12 @@ include $(PGXS)
 all: osv5m
 
 src/cli/osv5m.o: src/cli/osv5m.c src/core/osv5m.h
-	$(CC) $(CPPFLAGS) -Isrc/core $(CFLAGS) -std=gnu11 -O3 $(OSV_ARCH) -c -o $@ $<
+	$(CC) $(CPPFLAGS) -Isrc/core $(CFLAGS) -std=gnu11 -O3 $(OSV_FPFLAGS) $(OSV_ARCH) -c -o $@ $<
 
 osv5m: src/cli/osv5m.o $(CORE_OBJS)
 	$(CC) $(CFLAGS) -o $@ $^ $(OSV_LIBS)
 
-$(CORE_OBJS): src/core/osv5m.h src/core/internal.h src/core/blas.h
+$(CORE_OBJS): src/core/osv5m.h src/core/internal.h src/core/blas.h src/core/gemm.h src/core/pool.h src/core/network.h
 
 install: install-cli
 .PHONY: install-cli
@@ -58,13 +60,13 @@ install-cli: osv5m
 # ---- C tests of the core ----------------------------------------------------
 # Built outside PGXS: plain (-O2) and under sanitizers, each in its own folder.
 
-TEST_CFLAGS = -std=gnu11 -g -Wall -Wextra -Wno-unused-parameter -Isrc/core -Itest/unit
+TEST_CFLAGS = -std=gnu11 -g -Wall -Wextra -Wno-unused-parameter -pthread $(OSV_FPFLAGS) -Isrc/core -Itest/unit
 UNIT_SRCS = $(sort $(wildcard test/unit/test_*.c))
 UNIT_SUPPORT = $(filter-out $(UNIT_SRCS),$(wildcard test/unit/*.c))
 
 build/plain/%: test/unit/%.c $(UNIT_SUPPORT) $(CORE_SRCS) src/core/osv5m.h src/core/internal.h
 	@mkdir -p $(dir $@)
-	$(CC) $(TEST_CFLAGS) -O2 $(OSV_ARCH) -o $@ $< $(UNIT_SUPPORT) $(CORE_SRCS) $(OSV_LIBS)
+	$(CC) $(TEST_CFLAGS) -O3 $(OSV_ARCH) -o $@ $< $(UNIT_SUPPORT) $(CORE_SRCS) $(OSV_LIBS)
 
 build/asan/%: test/unit/%.c $(UNIT_SUPPORT) $(CORE_SRCS) src/core/osv5m.h src/core/internal.h
 	@mkdir -p $(dir $@)

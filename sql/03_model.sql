@@ -39,7 +39,7 @@ FROM photos p JOIN osv5m_cells() c ON ST_Covers(c.bounds, p.loc);
 
 -- What was loaded (times and pid vary, so only their presence is shown).
 SELECT key, CASE WHEN key IN ('loaded_at', 'load_ms', 'backend_pid', 'last_call_ms',
-							  'blas_core', 'file_size')
+							  'kernels', 'file_size')
 			THEN jsonb_typeof(value) ELSE value::text END AS value
 FROM jsonb_each(osv5m_model_info())
 WHERE key NOT LIKE '%path'
@@ -52,9 +52,9 @@ SELECT osv5m_model_info()->>'model_path' = :'gelu' AS model_path,
 
 -- osv5m.threads is what the next call uses.
 SET osv5m.threads = 2;
-SELECT osv5m_model_info()->'blas_threads' AS blas_threads;
+SELECT osv5m_model_info()->'threads' AS threads;
 RESET osv5m.threads;
-SELECT osv5m_model_info()->'blas_threads' AS blas_threads;
+SELECT osv5m_model_info()->'threads' AS threads;
 
 -- Changing osv5m.model_path loads the other model in this same backend.
 SET osv5m.model_path = :'quickgelu';

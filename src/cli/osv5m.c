@@ -27,7 +27,7 @@
  *       GFLOP/s reached.  With --batch B the files go through the network B
  *       at a time (osv_run_images) and each run's sample is its seconds
  *       divided by its images.  With --json, one object:
- *       {"model":DIR,"blas_core":S,"threads":I,"batch":I,"iters":I,
+ *       {"model":DIR,"kernels":S,"threads":I,"batch":I,"iters":I,
  *        "files":I,"runs":I,
  *        "gflop_per_image":D,
  *        "median_s":{"decode":D,"preprocess":D,"backbone":D,"head":D,"total":D},
@@ -302,7 +302,7 @@ open_model(const options *opt, osv_model **model, osv_context **ctx)
 {
 	osv_error	err;
 
-	osv_blas_set_threads(opt->threads);
+	osv_set_threads(opt->threads);
 	if (osv_model_open(opt->model_dir, opt->quadtree, model, &err) != OSV_OK)
 	{
 		fprintf(stderr, "osv5m: could not open model \"%s\": %s\n",
@@ -581,9 +581,9 @@ cmd_info(const options *opt)
 		   info->cells_source);
 	if (!opt->no_fingerprint)
 		printf(",\"fingerprint\":\"sha256:%s\"", osv_model_fingerprint(model));
-	fputs(",\"blas_core\":", stdout);
-	json_string(stdout, osv_blas_core_name());
-	printf(",\"blas_threads\":%d}\n", osv_blas_threads());
+	fputs(",\"kernels\":", stdout);
+	json_string(stdout, osv_kernels_name());
+	printf(",\"threads\":%d}\n", osv_threads());
 	osv_context_free(ctx);
 	osv_model_close(model);
 	return 0;
@@ -733,10 +733,10 @@ cmd_bench(const options *opt, int nfiles, char **files)
 		{
 			fputs("{\"model\":", stdout);
 			json_string(stdout, opt->model_dir);
-			fputs(",\"blas_core\":", stdout);
-			json_string(stdout, osv_blas_core_name());
+			fputs(",\"kernels\":", stdout);
+			json_string(stdout, osv_kernels_name());
 			printf(",\"threads\":%d,\"batch\":%d,\"iters\":%d,\"files\":%d,\"runs\":%d",
-				   osv_blas_threads(), opt->batch, opt->iters, nfiles, runs);
+				   osv_threads(), opt->batch, opt->iters, nfiles, runs);
 			fputs(",\"gflop_per_image\":", stdout);
 			json_double(stdout, info->gflop_per_image);
 			fputs(",\"median_s\":{", stdout);
@@ -760,8 +760,8 @@ cmd_bench(const options *opt, int nfiles, char **files)
 		else
 		{
 			printf("model %s: %.3f GFLOP/image, BLAS %s, %d thread(s), %d image(s) per run, %d run(s)\n",
-				   opt->model_dir, info->gflop_per_image, osv_blas_core_name(),
-				   osv_blas_threads(), opt->batch, runs);
+				   opt->model_dir, info->gflop_per_image, osv_kernels_name(),
+				   osv_threads(), opt->batch, runs);
 			printf("%-12s %12s %12s\n", "stage", "median ms", "min ms");
 			for (int s = 0; s < NSTAGES; s++)
 				printf("%-12s %12.3f %12.3f\n", stages[s], med[s] * 1e3, mins[s] * 1e3);

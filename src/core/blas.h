@@ -28,4 +28,9 @@ void		osv_sgemv(CBLAS_TRANSPOSE trans, int m, int n, float alpha,
 					  const float *a, int lda, const float *x, float beta,
 					  float *y);
 
+/* OpenBLAS's own threads, and the name of the kernels it chose. */
+void		osv_blas_set_threads(int threads);
+int			osv_blas_threads(void);
+const char *osv_blas_core_name(void);
+
 #endif							/* OSV5M_BLAS_H */

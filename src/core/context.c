@@ -14,7 +14,7 @@
  */
 #include "network.h"
 
-#include "blas.h"
+#include "gemm.h"
 
 #include <limits.h>
 #include <math.h>
@@ -116,6 +116,7 @@ osv_context_new_batch(const osv_model *model, int max_images,
 				d,
 				mid,
 				nb;
+	int			packed_k;
 	char	   *base;
 
 	*out = NULL;
@@ -125,11 +126,6 @@ osv_context_new_batch(const osv_model *model, int max_images,
 		return osv_fail(err, OSV_ERR_ARGUMENT,
 						"images per run must be between 1 and %d, got %d",
 						MAX_BATCH, max_images);
-	/* before any matrix product: see blas.c */
-	status = osv_blas_load(err);
-	if (status != OSV_OK)
-		return status;
-
 	ctx = calloc(1, sizeof(*ctx));
 	if (ctx == NULL)
 		return osv_fail(err, OSV_ERR_NOMEM, "out of memory allocating the run state");
@@ -156,6 +152,9 @@ osv_context_new_batch(const osv_model *model, int max_images,
 						"model dimensions are out of range for %d images per run",
 						max_images);
 	}
+	packed_k = ctx->ffn > ctx->patch_dim ? ctx->ffn : ctx->patch_dim;
+	if ((int) d > packed_k)
+		packed_k = (int) d;
 	mid = d;
 	if ((size_t) ctx->mid1 > mid)
 		mid = ctx->mid1;
@@ -172,7 +171,7 @@ osv_context_new_batch(const osv_model *model, int max_images,
 			{(void **) &ctx->k, nb * t * d, sizeof(float)},
 			{(void **) &ctx->v, nb * t * d, sizeof(float)},
 			{(void **) &ctx->attn, nb * t * d, sizeof(float)},
-			{(void **) &ctx->scores, t * t, sizeof(float)},
+			{(void **) &ctx->packed_a, osv_gemm_packed_a_floats((int) (nb * t), packed_k), sizeof(float)},
 			{(void **) &ctx->ffn_buf, nb * t * (size_t) ctx->ffn, sizeof(float)},
 			{(void **) &ctx->feature, nb * d, sizeof(float)},
 			{(void **) &ctx->mid_a, mid, sizeof(float)},

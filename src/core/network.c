@@ -4,37 +4,34 @@
  * hybrid quadtree head, on the run state of one osv_context, for one or
  * several images at once (a batch: see block_forward).
  *
- * Every matrix product goes through osv_sgemm / osv_sgemv (OpenBLAS),
- * row-major, with the PyTorch [out, in] weights used transposed.  Biases are
- * folded into the products: the output is pre-filled with the bias rows (or
- * the bias is added to the residual stream) and the product accumulates
- * onto it with beta = 1, so no extra pass over the activations is needed.
+ * Every step runs on all the threads of the pool (pool.c): the matrix
+ * products on our kernels (gemm.c), split by columns; the layer norms by
+ * rows; attention by (image, head); the branches' matrix-vector products by
+ * output rows.  Biases, the residual additions and GELU are folded into the
+ * products' epilogue (bias after the sum, then the residual, then the
+ * activation, PyTorch's order), so no extra pass over the activations is
+ * needed.
  *
- * The remaining elementwise work (layer norm, GELU, softmax) runs on one
- * thread while OpenBLAS uses all of them, so it is written to be
- * auto-vectorized: reductions go through LANES independent accumulators
- * (a float sum may not be reordered by the compiler otherwise), and erf and
- * exp are our own branch-free polynomials instead of libm calls, which
- * cannot be vectorized and would cost as much as several transformer blocks.
+ * The elementwise work is written to be auto-vectorized: reductions go
+ * through LANES independent accumulators (a float sum may not be reordered
+ * by the compiler otherwise), and erf and exp are our own branch-free
+ * polynomials instead of libm calls, which cannot be vectorized.
  *
  * Invariants: the context's buffers were sized by osv_context_new_batch for
  * this model and at least as many images as a run is given; nothing here
- * allocates; a run either completes or stops before a block (abort)
- * leaving has_result false.  An image's result does not depend on the
- * thread count, nor on the other images of its batch except through the
- * row count of the matrix products.  OpenBLAS's AVX-512 kernels sum every
- * output in the same order whatever the row count at ViT-L/14's sizes, so
- * there a batched result is bit for bit the single one
- * (test/bench/batch_bench.py); its small-matrix kernels (the tiny test
- * models) and its AVX2 kernels do not, and there results are float32
- * rounding apart (test_fidelity).
+ * allocates but the pool's first preparation; a run either completes or
+ * stops before a block (abort) leaving has_result false.  An image's
+ * result is the same bits whatever the thread count, whatever images ran
+ * beside it, and whichever kernel path the CPU took: every split is of
+ * independent outputs, each computed in one fixed order (gemm.c).
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE				/* qsort_r */
 #endif
 #include "network.h"
 
-#include "blas.h"
+#include "gemm.h"
+#include "pool.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -169,11 +166,24 @@ osv_vec_exp(float *y, const float *x, size_t n)
 	for (size_t i = 0; i < n; i++)
 		y[i] = exp_nonpos(x[i]);
 }
-
 /* ---- vectorizable kernels ---------------------------------------------- */
 
+/*
+ * The loops below are compiled once per instruction set and chosen when
+ * the library loads (target_clones), so that one portable build uses
+ * AVX-512 or AVX2 where the CPU has them.  The core is compiled with
+ * -ffp-contract=off: no clone fuses a multiply and an add that the others
+ * do not, so every clone computes the same bits.
+ */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__SANITIZE_ADDRESS__) && \
+	!defined(__clang__)
+#define VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define VECTOR_CLONES
+#endif
+
 /* Sum of x[0..n), LANES partial sums so that the compiler may vectorize. */
-static float
+static inline float
 sum_floats(const float *x, int n)
 {
 	float		acc[LANES] = {0};
@@ -191,7 +201,7 @@ sum_floats(const float *x, int n)
 }
 
 /* Sum of (x[i] - mean)^2, the biased variance times n (two-pass: no cancellation). */
-static float
+static inline float
 sum_squared_dev(const float *x, int n, float mean)
 {
 	float		acc[LANES] = {0};
@@ -213,7 +223,7 @@ sum_squared_dev(const float *x, int n, float mean)
 }
 
 /* y = (x - mean) / sqrt(var + eps) * w + b over n values; y may be x. */
-static void
+VECTOR_CLONES static void
 normalize(float *y, const float *x, int n, const float *w, const float *b,
 		  float eps)
 {
@@ -223,18 +233,6 @@ normalize(float *y, const float *x, int n, const float *w, const float *b,
 
 	for (int i = 0; i < n; i++)
 		y[i] = (x[i] - mean) * rstd * w[i] + b[i];
-}
-
-/*
- * LayerNorm of rows rows of n values, row r at r * stride values from the
- * start of x and of y (stride >= n); y may be x.
- */
-static void
-layer_norm(float *y, const float *x, int rows, size_t stride, int n,
-		   const float *w, const float *b, float eps)
-{
-	for (int r = 0; r < rows; r++)
-		normalize(y + (size_t) r * stride, x + (size_t) r * stride, n, w, b, eps);
 }
 
 /* GroupNorm(4) of one vector of n values, in place: 4 groups of n / 4. */
@@ -247,45 +245,24 @@ group_norm(float *x, int n, const float *w, const float *b)
 		normalize(x + i * g, x + i * g, g, w + i * g, b + i * g, MID_EPS);
 }
 
-/* Each of rows rows of y (n values, row r at r * stride) = bias. */
-static void
-fill_rows(float *y, const float *bias, int rows, size_t stride, int n)
+/* Exact GELU over n values in place: the post-processing of fc1's product. */
+VECTOR_CLONES static void
+gelu_row(float *x, int n)
 {
-	for (int r = 0; r < rows; r++)
-		memcpy(y + (size_t) r * stride, bias, (size_t) n * sizeof(float));
+	for (int i = 0; i < n; i++)
+		x[i] = gelu_exact(x[i]);
 }
 
-/* Each of rows rows of y (n values, row r at r * stride) += bias. */
-static void
-add_rows(float *y, const float *bias, int rows, size_t stride, int n)
+/* quick_gelu over n values in place. */
+VECTOR_CLONES static void
+quick_gelu_row(float *x, int n)
 {
-	for (int r = 0; r < rows; r++)
-	{
-		float	   *row = y + (size_t) r * stride;
-
-		for (int i = 0; i < n; i++)
-			row[i] += bias[i];
-	}
-}
-
-/* The activation of the transformer MLP, in place over n values. */
-static void
-activation(float *x, size_t n, osv_activation act)
-{
-	if (act == OSV_ACT_QUICK_GELU)
-	{
-		for (size_t i = 0; i < n; i++)
-			x[i] = gelu_quick(x[i]);
-	}
-	else
-	{
-		for (size_t i = 0; i < n; i++)
-			x[i] = gelu_exact(x[i]);
-	}
+	for (int i = 0; i < n; i++)
+		x[i] = gelu_quick(x[i]);
 }
 
 /* Softmax of each of rows rows of n values, in place, max-subtracted. */
-static void
+VECTOR_CLONES static void
 softmax_rows(float *s, int rows, int n)
 {
 	for (int r = 0; r < rows; r++)
@@ -317,21 +294,121 @@ softmax_rows(float *s, int rows, int n)
 	}
 }
 
+/* y[j] = dot(w row j, x) + bias[j] for j in [lo, hi); w is [n, k] row-major. */
+VECTOR_CLONES static void
+matvec_rows(float *y, const float *w, const float *x, const float *bias, int k,
+			int lo, int hi)
+{
+	for (int j = lo; j < hi; j++)
+	{
+		const float *row = w + (size_t) j * k;
+		float		acc[LANES] = {0};
+		float		s = 0.0f;
+		int			i = 0;
+
+		for (; i + LANES <= k; i += LANES)
+			for (int l = 0; l < LANES; l++)
+				acc[l] += row[i + l] * x[i + l];
+		for (; i < k; i++)
+			s += row[i] * x[i];
+		for (int l = 0; l < LANES; l++)
+			s += acc[l];
+		y[j] = s + bias[j];
+	}
+}
+
+/* ---- parallel steps ------------------------------------------------------ */
+
+/* LayerNorm of rows rows of n values (row r at r * stride) on every thread; y may be x. */
+typedef struct norm_step
+{
+	float	   *y;
+	const float *x;
+	int			rows;
+	size_t		stride;
+	int			n;
+	const float *w,
+			   *b;
+	float		eps;
+} norm_step;
+
+static void
+layer_norm_step(void *arg, int ith, int nth)
+{
+	norm_step  *s = arg;
+	int			lo,
+				hi;
+
+	osv_split(s->rows, ith, nth, &lo, &hi);
+	for (int r = lo; r < hi; r++)
+		normalize(s->y + (size_t) r * s->stride, s->x + (size_t) r * s->stride,
+				  s->n, s->w, s->b, s->eps);
+}
+
+static void
+layer_norm(float *y, const float *x, int rows, size_t stride, int n,
+		   const float *w, const float *b, float eps)
+{
+	norm_step	s = {y, x, rows, stride, n, w, b, eps};
+
+	osv_pool_run(layer_norm_step, &s);
+}
+
+/* y = W x + bias (W [n, k]) on every thread, split by output rows. */
+typedef struct matvec_step
+{
+	float	   *y;
+	const float *w,
+			   *x,
+			   *bias;
+	int			n,
+				k;
+} matvec_step;
+
+static void
+matvec_step_fn(void *arg, int ith, int nth)
+{
+	matvec_step *s = arg;
+	int			lo,
+				hi;
+
+	osv_split(s->n, ith, nth, &lo, &hi);
+	matvec_rows(s->y, s->w, s->x, s->bias, s->k, lo, hi);
+}
+
+static void
+matvec(float *y, const float *w, const float *x, const float *bias, int n, int k)
+{
+	matvec_step s = {y, w, x, bias, n, k};
+
+	osv_pool_run(matvec_step_fn, &s);
+}
+
+/* A product with a PyTorch weight [n, k]: C (+)= alpha A W^T + bias, then post. */
+static void
+linear(osv_context *ctx, int m, const float *a, size_t lda, const float *w,
+	   int n, int k, const float *bias, bool accumulate, float *c, size_t ldc,
+	   void (*post) (float *, int))
+{
+	osv_gemm	g = {
+		.m = m,.n = n,.k = k,.a = a,.lda = lda,.b = w,.ldb = (size_t) k,
+		.b_is_nk = true,.alpha = 1.0f,.bias = bias,.accumulate = accumulate,
+		.c = c,.ldc = ldc,.post = post
+	};
+
+	osv_gemm_run(&g, ctx->packed_a);
+}
+
 /* ---- the backbone ------------------------------------------------------- */
 
-/* Patch embedding, class token and position embedding of slot b into its rows of ctx->x. */
+/* im2col of slot b: row py * grid + px of ctx->patches holds the patch's (channel, row, col) values. */
 static void
-embed(osv_context *ctx, int b)
+im2col(osv_context *ctx, int b)
 {
-	const osv_model *model = ctx->model;
-	int			size = model->info.image_size;
-	int			p = model->info.patch_size;
-	int			d = ctx->hidden;
-	int			n = ctx->tokens - 1;
+	int			size = ctx->model->info.image_size;
+	int			p = ctx->model->info.patch_size;
 	const float *pixels = ctx->pixels + (size_t) b * 3 * size * size;
-	float	   *x = ctx->x + (size_t) b * ctx->tokens * d;
 
-	/* im2col: row py * grid + px holds the patch's (channel, row, col) values */
 	for (int py = 0; py < ctx->grid; py++)
 		for (int px = 0; px < ctx->grid; px++)
 		{
@@ -346,32 +423,96 @@ embed(osv_context *ctx, int b)
 					memcpy(dst + (c * p + i) * p, src, (size_t) p * sizeof(float));
 				}
 		}
+}
 
-	/*
-	 * x = position embedding, row 0 += class embedding, rows 1.. += patches
-	 * W^T, one colour channel (P^2 of the 3 P^2 columns) per product.  Why
-	 * not one product: with K = 588, OpenBLAS cuts K in two, at a place
-	 * that depends on its thread count, so the sums (and every output)
-	 * came out differently with 1 and 2 threads.  A product with K = P^2
-	 * (196) is not cut, and the channels are added in the same order on
-	 * any number of threads.
-	 */
+/*
+ * Patch embedding, class token and position embedding of slot b into its
+ * rows of ctx->x: x = position embedding, row 0 += class embedding, rows
+ * 1.. += patches W^T (the convolution as one product over the 3 P^2
+ * values of each patch).
+ */
+static void
+embed(osv_context *ctx, int b)
+{
+	const osv_model *model = ctx->model;
+	int			d = ctx->hidden;
+	float	   *x = ctx->x + (size_t) b * ctx->tokens * d;
+
+	im2col(ctx, b);
 	memcpy(x, model->position_embedding, (size_t) ctx->tokens * d * sizeof(float));
 	for (int i = 0; i < d; i++)
 		x[i] += model->class_embedding[i];
-	for (int c = 0; c < 3; c++)
-		osv_sgemm(CblasNoTrans, CblasTrans, n, d, p * p, 1.0f,
-				  ctx->patches + c * p * p, ctx->patch_dim,
-				  model->patch_embedding + c * p * p, ctx->patch_dim,
-				  1.0f, x + d, d);
+	linear(ctx, ctx->tokens - 1, ctx->patches, ctx->patch_dim,
+		   model->patch_embedding, d, ctx->patch_dim, NULL, true, x + d, d, NULL);
+}
+
+/*
+ * Attention of every (image, head) pair, split over the threads: scores =
+ * scale q k^T into the thread's scratch, softmax, then scores v into that
+ * head's columns of attn.  A pair runs on one thread from start to end, so
+ * its result does not depend on the split.
+ */
+typedef struct attention_step
+{
+	osv_context *ctx;
+	int			images;
+	int			qrows;			/* query rows per image: T, or 1 in the last block */
+	size_t		qstride;		/* values from one query row to the next */
+	float		scale;
+} attention_step;
+
+/* Floats of thread scratch attention needs: the scores, then the products' packing. */
+static size_t
+attention_scratch_floats(const osv_context *ctx)
+{
+	size_t		t = (size_t) ctx->tokens;
+	int			k = ctx->tokens > ctx->head_dim ? ctx->tokens : ctx->head_dim;
+
+	return (t * t + 15) / 16 * 16 + osv_gemm_scratch_floats(ctx->tokens, k);
+}
+
+static void
+attention_step_fn(void *arg, int ith, int nth)
+{
+	attention_step *s = arg;
+	osv_context *ctx = s->ctx;
+	int			t = ctx->tokens;
+	int			d = ctx->hidden;
+	int			hd = ctx->head_dim;
+	float	   *scores = osv_pool_scratch(ith);
+	float	   *scratch = scores + ((size_t) t * t + 15) / 16 * 16;
+	int			lo,
+				hi;
+
+	osv_split(s->images * ctx->heads, ith, nth, &lo, &hi);
+	for (int task = lo; task < hi; task++)
+	{
+		int			b = task / ctx->heads;
+		int			h = task % ctx->heads;
+		size_t		base = (size_t) b * t * d + (size_t) h * hd;
+		osv_gemm	qk = {
+			.m = s->qrows,.n = t,.k = hd,.a = ctx->q + base,.lda = s->qstride,
+			.b = ctx->k + base,.ldb = d,.b_is_nk = true,.alpha = s->scale,
+			.c = scores,.ldc = t
+		};
+		osv_gemm	pv = {
+			.m = s->qrows,.n = hd,.k = t,.a = scores,.lda = t,
+			.b = ctx->v + base,.ldb = d,.b_is_nk = false,.alpha = 1.0f,
+			.c = ctx->attn + base,.ldc = s->qstride
+		};
+
+		osv_gemm_serial(&qk, scratch);
+		softmax_rows(scores, s->qrows, t);
+		osv_gemm_serial(&pv, scratch);
+	}
 }
 
 /*
  * One pre-norm transformer block on the residual streams of `images` slots
  * at once: every projection and MLP product is one matrix product over the
  * rows of all of them, so that each weight matrix is streamed from memory
- * (and packed by OpenBLAS) once per run rather than once per image;
- * attention is per image and head.
+ * (and packed) once per run rather than once per image; attention is per
+ * image and head.
  *
  * In the last block only the class token's row of each image is computed
  * (the keys and values still cover all tokens): `last` makes the active
@@ -385,68 +526,45 @@ block_forward(osv_context *ctx, const osv_layer *layer, int images, bool last)
 	int			t = ctx->tokens;
 	int			d = ctx->hidden;
 	int			f = ctx->ffn;
-	int			hd = ctx->head_dim;
 	int			all = images * t;	/* rows of every token of every image */
 	int			rows = last ? images : all; /* active rows */
-	int			step = last ? t : 1;	/* rows from one active row to the next */
-	int			qrows = last ? 1 : t;	/* active rows per image */
-	int			ld = step * d;	/* leading dimension of the active D-wide rows */
-	int			ldf = step * f; /* and of the active F-wide rows */
-	float		scale = 1.0f / sqrtf((float) hd);
+	size_t		ld = (size_t) (last ? t : 1) * d;	/* from one active D-wide row to the next */
+	size_t		ldf = (size_t) (last ? t : 1) * f;	/* and F-wide */
+	attention_step att = {ctx, images, last ? 1 : t, (size_t) d,
+	1.0f / sqrtf((float) ctx->head_dim)};
 
 	/* attention: x += out_proj(attn(layer_norm1(x))) */
 	layer_norm(ctx->xn, ctx->x, all, d, d, layer->layer_norm1_weight,
 			   layer->layer_norm1_bias, info->layer_norm_eps);
-	fill_rows(ctx->q, layer->q_proj_bias, rows, ld, d);
-	fill_rows(ctx->k, layer->k_proj_bias, all, d, d);
-	fill_rows(ctx->v, layer->v_proj_bias, all, d, d);
-	osv_sgemm(CblasNoTrans, CblasTrans, rows, d, d, 1.0f, ctx->xn, ld,
-			  layer->q_proj_weight, d, 1.0f, ctx->q, ld);
-	osv_sgemm(CblasNoTrans, CblasTrans, all, d, d, 1.0f, ctx->xn, d,
-			  layer->k_proj_weight, d, 1.0f, ctx->k, d);
-	osv_sgemm(CblasNoTrans, CblasTrans, all, d, d, 1.0f, ctx->xn, d,
-			  layer->v_proj_weight, d, 1.0f, ctx->v, d);
-
-	/* per image and head: strided views of q, k, v (leading dimension d), no copies */
-	for (int b = 0; b < images; b++)
-	{
-		size_t		base = (size_t) b * t * d;
-
-		for (int h = 0; h < ctx->heads; h++)
-		{
-			osv_sgemm(CblasNoTrans, CblasTrans, qrows, t, hd, scale,
-					  ctx->q + base + h * hd, d, ctx->k + base + h * hd, d,
-					  0.0f, ctx->scores, t);
-			softmax_rows(ctx->scores, qrows, t);
-			osv_sgemm(CblasNoTrans, CblasNoTrans, qrows, hd, t, 1.0f,
-					  ctx->scores, t, ctx->v + base + h * hd, d,
-					  0.0f, ctx->attn + base + h * hd, d);
-		}
-	}
-	add_rows(ctx->x, layer->out_proj_bias, rows, ld, d);
-	osv_sgemm(CblasNoTrans, CblasTrans, rows, d, d, 1.0f, ctx->attn, ld,
-			  layer->out_proj_weight, d, 1.0f, ctx->x, ld);
+	linear(ctx, rows, ctx->xn, ld, layer->q_proj_weight, d, d,
+		   layer->q_proj_bias, false, ctx->q, ld, NULL);
+	linear(ctx, all, ctx->xn, d, layer->k_proj_weight, d, d,
+		   layer->k_proj_bias, false, ctx->k, d, NULL);
+	linear(ctx, all, ctx->xn, d, layer->v_proj_weight, d, d,
+		   layer->v_proj_bias, false, ctx->v, d, NULL);
+	att.qstride = ld;
+	osv_pool_run(attention_step_fn, &att);
+	linear(ctx, rows, ctx->attn, ld, layer->out_proj_weight, d, d,
+		   layer->out_proj_bias, true, ctx->x, ld, NULL);
 
 	/* MLP: x += fc2(act(fc1(layer_norm2(x)))) */
 	layer_norm(ctx->xn, ctx->x, rows, ld, d, layer->layer_norm2_weight,
 			   layer->layer_norm2_bias, info->layer_norm_eps);
-	fill_rows(ctx->ffn_buf, layer->fc1_bias, rows, ldf, f);
-	osv_sgemm(CblasNoTrans, CblasTrans, rows, f, d, 1.0f, ctx->xn, ld,
-			  layer->fc1_weight, d, 1.0f, ctx->ffn_buf, ldf);
-	for (int r = 0; r < rows; r++)
-		activation(ctx->ffn_buf + (size_t) r * ldf, (size_t) f, info->hidden_act);
-	add_rows(ctx->x, layer->fc2_bias, rows, ld, d);
-	osv_sgemm(CblasNoTrans, CblasTrans, rows, d, f, 1.0f, ctx->ffn_buf, ldf,
-			  layer->fc2_weight, f, 1.0f, ctx->x, ld);
+	linear(ctx, rows, ctx->xn, ld, layer->fc1_weight, f, d, layer->fc1_bias,
+		   false, ctx->ffn_buf, ldf,
+		   info->hidden_act == OSV_ACT_QUICK_GELU ? quick_gelu_row : gelu_row);
+	linear(ctx, rows, ctx->ffn_buf, ldf, layer->fc2_weight, d, f,
+		   layer->fc2_bias, true, ctx->x, ld, NULL);
 }
 
 /* ---- the MLP branches and the head -------------------------------------- */
 
 /*
  * One MLPCentroid branch on the feature of slot b, into out (branch->out_dim
- * values).  Matrix-vector products, one image at a time: batching them
- * would save little (the branches are about 0.1 % of the FLOPs), and this
- * way an image's result never depends on which images ran beside it.
+ * values).  Matrix-vector products, one image at a time, split by output
+ * rows over the threads: each output is the same fixed-order dot product
+ * whatever the split, and an image's result never depends on which images
+ * ran beside it.
  */
 static void
 branch_forward(osv_context *ctx, int b, const osv_branch *branch, float *out)
@@ -459,18 +577,14 @@ branch_forward(osv_context *ctx, int b, const osv_branch *branch, float *out)
 
 	normalize(a, ctx->feature + (size_t) b * d, d, branch->norm_weight,
 			  branch->norm_bias, MID_EPS);
-	memcpy(m, branch->fc1_bias, (size_t) h1 * sizeof(float));
-	osv_sgemv(CblasNoTrans, h1, d, 1.0f, branch->fc1_weight, d, a, 1.0f, m);
+	matvec(m, branch->fc1_weight, a, branch->fc1_bias, h1, d);
 	group_norm(m, h1, branch->gn1_weight, branch->gn1_bias);
 	/* MLPCentroid's GELU is nn.GELU(): always the exact one */
-	activation(m, (size_t) h1, OSV_ACT_GELU);
-	memcpy(a, branch->fc2_bias, (size_t) h2 * sizeof(float));
-	osv_sgemv(CblasNoTrans, h2, h1, 1.0f, branch->fc2_weight, h1, m, 1.0f, a);
+	gelu_row(m, h1);
+	matvec(a, branch->fc2_weight, m, branch->fc2_bias, h2, h1);
 	group_norm(a, h2, branch->gn2_weight, branch->gn2_bias);
-	activation(a, (size_t) h2, OSV_ACT_GELU);
-	memcpy(out, branch->out_bias, (size_t) branch->out_dim * sizeof(float));
-	osv_sgemv(CblasNoTrans, branch->out_dim, h2, 1.0f, branch->out_weight, h2,
-			  a, 1.0f, out);
+	gelu_row(a, h2);
+	matvec(out, branch->out_weight, a, branch->out_bias, branch->out_dim, h2);
 }
 
 /* Decreasing probability, then increasing cell: a total, deterministic order. */
@@ -546,6 +660,9 @@ osv_network_cell_point(const osv_context *ctx, int b, int cell, double *lat,
 /* ---- the whole pass ----------------------------------------------------- */
 
 /* true when the caller's abort callback asks to stop */
+/* ---- the whole pass ----------------------------------------------------- */
+
+/* true when the caller's abort callback asks to stop */
 static bool
 should_abort(const osv_params *params)
 {
@@ -561,7 +678,9 @@ osv_network_forward(osv_context *ctx, int images, const osv_params *params,
 	int			layers = model->info.num_layers;
 	int			t = ctx->tokens;
 	int			d = ctx->hidden;
-	int			threads;
+	int			max_k = ctx->ffn > ctx->patch_dim ? ctx->ffn : ctx->patch_dim;
+	size_t		scratch;
+	osv_status	status;
 	double		t0,
 				t1;
 
@@ -571,6 +690,14 @@ osv_network_forward(osv_context *ctx, int images, const osv_params *params,
 	if (images < 1 || images > ctx->max_images)
 		return osv_fail(err, OSV_ERR_ARGUMENT, "%d images for a run state of %d",
 						images, ctx->max_images);
+
+	/* the threads and their scratch: a B panel of any product, or one head's attention */
+	scratch = osv_gemm_scratch_floats(0, max_k > d ? max_k : d);
+	if (attention_scratch_floats(ctx) > scratch)
+		scratch = attention_scratch_floats(ctx);
+	status = osv_pool_prepare(osv_threads(), scratch * sizeof(float), err);
+	if (status != OSV_OK)
+		return status;
 
 	t0 = osv_now();
 	for (int b = 0; b < images; b++)
@@ -595,22 +722,12 @@ osv_network_forward(osv_context *ctx, int images, const osv_params *params,
 	if (should_abort(params))
 		return osv_fail(err, OSV_ERR_ABORTED, "run aborted before the head");
 
-	/*
-	 * The branches on one BLAS thread: OpenBLAS splits a threaded GEMV's
-	 * rows at places whose alignment changes how the rows next to them are
-	 * summed, so the 22798 regression outputs came out slightly different
-	 * with 2 threads than with 1.  The branches are 0.1 % of the FLOPs; on
-	 * one thread the result no longer depends on the thread count.
-	 */
-	threads = osv_blas_threads();
-	osv_blas_set_threads(1);
 	for (int b = 0; b < images; b++)
 	{
 		branch_forward(ctx, b, &model->classif, ctx->logits + (size_t) b * ctx->cells);
 		branch_forward(ctx, b, &model->reg, ctx->regression + (size_t) b * 2 * ctx->cells);
 		head_forward(ctx, b);
 	}
-	osv_blas_set_threads(threads);
 	ctx->timings.head = osv_now() - t1;
 	ctx->has_result = true;
 	return OSV_OK;

@@ -42,7 +42,7 @@ struct osv_context
 			   *k,
 			   *v;				/* [B T, D] projections, head h at column h * hd */
 	float	   *attn;			/* [B T, D] heads concatenated */
-	float	   *scores;			/* [T, T] attention of one head of one image */
+	float	   *packed_a;		/* the A operand of a product, packed (gemm.c) */
 	float	   *ffn_buf;		/* [B T, F] MLP hidden */
 	float	   *feature;		/* [B, D] class token of the last block */
 	float	   *mid_a,

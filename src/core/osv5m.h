@@ -299,10 +299,15 @@ osv_timings osv_context_timings(const osv_context *ctx);
 
 /* ---- BLAS ---------------------------------------------------------- */
 
-/* Set and read the number of OpenBLAS threads of this process. */
-void		osv_blas_set_threads(int threads);
-int			osv_blas_threads(void);
-const char *osv_blas_core_name(void);
+/*
+ * Threads of the forward pass in this process (default 1): the pool starts
+ * or resizes on the next run, in the process that runs it.
+ */
+void		osv_set_threads(int threads);
+int			osv_threads(void);
+
+/* The matrix-product kernels this CPU runs: "avx512", "avx2" or "portable". */
+const char *osv_kernels_name(void);
 
 #ifdef __cplusplus
 }

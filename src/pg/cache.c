@@ -166,7 +166,7 @@ Load(const char *dir)
 	}
 
 	/* The thread count must be set before the core's first dlopen of BLAS. */
-	osv_blas_set_threads(osv5m_threads);
+	osv_set_threads(osv5m_threads);
 	if (osv_context_new(model, &ctx, &err) != OSV_OK)
 	{
 		osv_model_close(model);
@@ -239,7 +239,7 @@ RunParams(void)
 	params.max_pixels = (uint64_t) osv5m_max_pixels;
 	params.abort_callback = InterruptRequested;
 	params.abort_data = NULL;
-	osv_blas_set_threads(osv5m_threads);	/* a no-op when unchanged */
+	osv_set_threads(osv5m_threads);	/* a no-op when unchanged */
 	return params;
 }
 

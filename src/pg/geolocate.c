@@ -411,10 +411,10 @@ osv5m_model_info(PG_FUNCTION_ARGS)
 	JsonDouble(&buf, last.head * 1000.0);
 	appendStringInfoChar(&buf, '}');
 	/* report the count this backend's next call will use */
-	osv_blas_set_threads(osv5m_threads);
-	JsonString(&buf, "blas_core", osv_blas_core_name());
-	JsonKey(&buf, "blas_threads");
-	appendStringInfo(&buf, "%d", osv_blas_threads());
+	osv_set_threads(osv5m_threads);
+	JsonString(&buf, "kernels", osv_kernels_name());
+	JsonKey(&buf, "threads");
+	appendStringInfo(&buf, "%d", osv_threads());
 	JsonKey(&buf, "backend_pid");
 	appendStringInfo(&buf, "%d", MyProcPid);
 	appendStringInfoChar(&buf, '}');

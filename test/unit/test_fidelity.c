@@ -10,8 +10,8 @@
  * pixels (osv_run_pixels), so that it is tested independently of decoding
  * and resizing.  Then, on the first model: the abort callback (stop before
  * block 1, the context stays usable and gives the same result), determinism
- * (the same image twice, and on 1 and 2 BLAS threads, gives bitwise the same
- * outputs) and the edge cases
+ * (the same image twice, on every kernel path the CPU runs and on 1, 2 and
+ * 3 threads, gives bitwise the same outputs) and the edge cases
  * of the result accessors.  Each model's images also go through the batch
  * path, osv_run_images, with a non-image among them (check_batches).
  *
@@ -19,6 +19,7 @@
  * without having compared anything.  Run from the repository root.
  */
 #include "network.h"
+#include "gemm.h"
 
 #include "check.h"
 
@@ -427,8 +428,9 @@ typedef struct golden_case
  * The batch path: the model's golden images through osv_run_images,
  * BATCH_IMAGES - 1 at a time plus one input that is no image, at a place
  * that moves from run to run.  Each image must match the reference as in
- * a single run and agree with its own single run (osv_run_image) to float32
- * rounding; the bad input must fail alone and have no result.
+ * a single run and be bit for bit its own single run (osv_run_image): no
+ * sum's order depends on the rows of a product; the bad input must fail
+ * alone and have no result.
  */
 static void
 check_batches(const osv_model *model, const char *name, char **golden, int ngolden)
@@ -531,13 +533,14 @@ check_batches(const osv_model *model, const char *name, char **golden, int ngold
 			CHECK(batch->cell[b] == one->cell[0], "%s: cell %d in a batch, %d alone",
 				  of[i]->what, batch->cell[b], one->cell[0]);
 			worst = fmax(worst, e);
-			if (memcmp(batch->feature + (size_t) b * batch->hidden, one->feature,
+			CHECK(memcmp(batch->feature + (size_t) b * batch->hidden, one->feature,
 					   (size_t) one->hidden * sizeof(float)) == 0 &&
 				memcmp(batch->logits + (size_t) b * batch->cells, one->logits,
 					   (size_t) one->cells * sizeof(float)) == 0 &&
 				memcmp(batch->regression + (size_t) b * 2 * batch->cells, one->regression,
-					   2 * (size_t) one->cells * sizeof(float)) == 0)
-				bitwise++;
+					   2 * (size_t) one->cells * sizeof(float)) == 0,
+				  "%s: a batch run is not bit for bit the single run", of[i]->what);
+			bitwise++;
 		}
 	}
 	CHECK(images > 0, "%s: no image went through a batch", name);
@@ -576,20 +579,6 @@ done:
 	free(cases);
 	osv_context_free(batch);
 	osv_context_free(one);
-}
-
-/*
- * Whether OpenBLAS runs kernels whose sums do not depend on the thread
- * count: its AVX-512 SGEMM (SkylakeX, also used by Cooperlake and
- * SapphireRapids) does, its AVX2 one (Haswell, Zen) does not.
- */
-static bool
-thread_invariant_kernels(void)
-{
-	const char *core = osv_blas_core_name();
-
-	return strcmp(core, "SkylakeX") == 0 || strcmp(core, "Cooperlake") == 0 ||
-		strcmp(core, "SapphireRapids") == 0;
 }
 
 /* Abort callback: stop on the call number *(int *) data counts down to. */
@@ -641,31 +630,35 @@ check_run_state(osv_context *ctx, const char *image)
 		  "two runs of %s differ", image);
 
 	/*
-	 * The thread count: with OpenBLAS's AVX-512 kernels the same outputs
-	 * bit for bit on 2 threads (network.c keeps every sum's order
-	 * independent of it); its AVX2 kernels order their sums by thread, so
-	 * there only float32 rounding apart.
+	 * Every kernel path this CPU runs, on 1, 2 and 3 threads: the same
+	 * outputs bit for bit (gemm.c and network.c keep every sum in one
+	 * order, whatever the split and the instruction set).
 	 */
-	threads = osv_blas_threads();
-	osv_blas_set_threads(threads == 1 ? 2 : 1);
-	status = osv_run_image(ctx, bytes, size, &params, &err);
-	CHECK(status == OSV_OK, "run on %d threads: %s", osv_blas_threads(), err.message);
-	if (thread_invariant_kernels())
-		CHECK(memcmp(feature, osv_context_feature(ctx), (size_t) d * sizeof(float)) == 0 &&
-			  memcmp(logits, osv_context_logits(ctx), (size_t) c * sizeof(float)) == 0 &&
-			  memcmp(reg, osv_context_regression(ctx), 2 * (size_t) c * sizeof(float)) == 0,
-			  "%s on %d and %d BLAS threads differs (%s kernels)", image, threads,
-			  osv_blas_threads(), osv_blas_core_name());
-	else
-		CHECK(relative_error(osv_context_feature(ctx), feature, (size_t) d) <= 1e-5 &&
-			  relative_error(osv_context_logits(ctx), logits, (size_t) c) <= 1e-5,
-			  "%s on %d and %d BLAS threads differs beyond rounding", image, threads,
-			  osv_blas_threads());
-	printf("%s on %d and %d BLAS threads (%s kernels): %s\n", image, threads,
-		   osv_blas_threads(), osv_blas_core_name(),
-		   memcmp(feature, osv_context_feature(ctx), (size_t) d * sizeof(float)) == 0 ?
-		   "bit for bit the same" : "float32 rounding apart");
-	osv_blas_set_threads(threads);
+	threads = osv_threads();
+	for (int path = OSV_KERNELS_AVX512; path <= OSV_KERNELS_PORTABLE; path++)
+	{
+		if (!osv_gemm_use_kernels((osv_kernels) path))
+		{
+			printf("%s: the %s kernels do not run on this CPU\n", image,
+				   path == OSV_KERNELS_AVX512 ? "avx512" : "avx2");
+			continue;
+		}
+		for (int n = 1; n <= 3; n++)
+		{
+			osv_set_threads(n);
+			status = osv_run_image(ctx, bytes, size, &params, &err);
+			CHECK(status == OSV_OK, "run on %d threads: %s", n, err.message);
+			CHECK(memcmp(feature, osv_context_feature(ctx), (size_t) d * sizeof(float)) == 0 &&
+				  memcmp(logits, osv_context_logits(ctx), (size_t) c * sizeof(float)) == 0 &&
+				  memcmp(reg, osv_context_regression(ctx), 2 * (size_t) c * sizeof(float)) == 0,
+				  "%s with the %s kernels on %d threads differs from the first run",
+				  image, osv_kernels_name(), n);
+		}
+	}
+	printf("%s: avx512, avx2 and portable kernels (those this CPU runs) on 1, 2 and 3 threads checked\n",
+		   image);
+	osv_gemm_use_kernels(OSV_KERNELS_AUTO);
+	osv_set_threads(threads);
 
 	/* abort before block 1 (or 0 for a one-block model): calls 0 and 1 */
 	left = ctx->model->info.num_layers >= 2 ? 1 : 0;

@@ -1,0 +1,599 @@
+/*
+ * gemm.c: our matrix-product kernels, chosen at run time from the CPU.
+ *
+ * The classic register-blocked scheme (GotoBLAS, BLIS; ggml and ONNX
+ * Runtime's MLAS do the same): A is packed once per product into blocks of
+ * MR rows laid out [k][MR]; each thread takes a contiguous range of
+ * NR-column panels of C, packs the panel's NR columns of B into [k][NR]
+ * in its scratch, and runs a microkernel that keeps an MR x NR tile of C
+ * in registers over the whole k, reading one vector row of B and
+ * broadcasting MR values of A per step.
+ *
+ *   path       MR x NR    accumulators   where
+ *   avx512     14 x 32    28 zmm         AVX-512F CPUs (Skylake-SP on, Zen 4, Zen 5)
+ *   avx2        6 x 16    12 ymm         AVX2 + FMA CPUs (Haswell on, Zen 1-3)
+ *   portable    4 x 16    plain C        anything else, through fmaf()
+ *
+ * Determinism, by construction: every output is one chain of fused
+ * multiply-adds over k in increasing order, starting from zero, then
+ * alpha, bias, the accumulated value and post in a fixed order.  No path
+ * splits k, and the threads split only the columns, so a result is the
+ * same bits on any thread count, for any number of rows (the images of a
+ * run), and on every path: an AVX-512 lane, an AVX2 lane and fmaf() round
+ * the same fused operation the same way.  That is what makes the SQL
+ * functions honestly IMMUTABLE across servers with different CPUs.
+ *
+ * Weights stay where the loader put them (the read-only mapping of the
+ * model file, shared by every backend): a panel of B is packed on the fly,
+ * k x NR floats, and then serves all the rows of the product, so packing
+ * costs one read of each weight per product (a few percent of one image's
+ * time, less for a run of several images) and no memory per backend.
+ *
+ * Compiled without -march: each path's functions carry their own target
+ * attribute, so one build runs everywhere and uses what the CPU has.
+ */
+#include "gemm.h"
+
+#include "pool.h"
+
+#include <math.h>
+#include <string.h>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define HAVE_X86_KERNELS 1
+#endif
+
+#define MR_AVX512 14
+#define NR_AVX512 32
+#define MR_AVX2 6
+#define NR_AVX2 16
+#define MR_PORTABLE 4
+#define NR_PORTABLE 16
+
+/* The largest MR and NR of any path: sizes of the scratch buffers. */
+#define MR_MAX 14
+#define NR_MAX 32
+
+typedef void (*panel_fn) (const osv_gemm *g, const float *packed_a, const float *packed_b,
+						  int n0, int cols);
+
+typedef void (*pack_b_fn) (const osv_gemm *g, int n0, float *dst);
+
+typedef struct kernel_path
+{
+	const char *name;
+	int			mr,
+				nr;
+	pack_b_fn	pack_b;
+	panel_fn	panel;
+} kernel_path;
+
+/* ---- packing ------------------------------------------------------------- */
+
+/* Blocks of mr rows of A, [k][mr] each, zero rows past m: blocks [lo, hi). */
+static void
+pack_a(const osv_gemm *g, int mr, int lo, int hi, float *dst)
+{
+	for (int blk = lo; blk < hi; blk++)
+	{
+		float	   *out = dst + (size_t) blk * mr * g->k;
+
+		for (int i = 0; i < mr; i++)
+		{
+			int			row = blk * mr + i;
+
+			if (row < g->m)
+			{
+				const float *src = g->a + (size_t) row * g->lda;
+
+				for (int p = 0; p < g->k; p++)
+					out[(size_t) p * mr + i] = src[p];
+			}
+			else
+				for (int p = 0; p < g->k; p++)
+					out[(size_t) p * mr + i] = 0.0f;
+		}
+	}
+}
+
+/* Columns [n0, n0 + nr) of B as [k][nr], zero past n. */
+static void
+pack_b(const osv_gemm *g, int nr, int n0, float *dst)
+{
+	int			cols = g->n - n0 < nr ? g->n - n0 : nr;
+
+	if (g->b_is_nk)
+	{
+		for (int j = 0; j < cols; j++)
+		{
+			const float *src = g->b + (size_t) (n0 + j) * g->ldb;
+
+			for (int p = 0; p < g->k; p++)
+				dst[(size_t) p * nr + j] = src[p];
+		}
+		for (int j = cols; j < nr; j++)
+			for (int p = 0; p < g->k; p++)
+				dst[(size_t) p * nr + j] = 0.0f;
+	}
+	else
+	{
+		for (int p = 0; p < g->k; p++)
+		{
+			memcpy(dst + (size_t) p * nr, g->b + (size_t) p * g->ldb + n0,
+				   (size_t) cols * sizeof(float));
+			for (int j = cols; j < nr; j++)
+				dst[(size_t) p * nr + j] = 0.0f;
+		}
+	}
+}
+
+/* ---- the portable path --------------------------------------------------- */
+
+/* One tile of mr (<= MR_PORTABLE) rows of C at row i0, columns [n0, n0 + cols). */
+static void
+tile_portable(const osv_gemm *g, int mr, int i0, const float *a, const float *b,
+			  int n0, int cols)
+{
+	float		acc[MR_PORTABLE][NR_PORTABLE] = {{0}};
+
+	for (int p = 0; p < g->k; p++)
+		for (int i = 0; i < mr; i++)
+			for (int j = 0; j < NR_PORTABLE; j++)
+				acc[i][j] = fmaf(a[(size_t) p * MR_PORTABLE + i],
+								 b[(size_t) p * NR_PORTABLE + j], acc[i][j]);
+	for (int i = 0; i < mr; i++)
+	{
+		float	   *row = g->c + (size_t) (i0 + i) * g->ldc + n0;
+
+		for (int j = 0; j < cols; j++)
+		{
+			float		v = acc[i][j];
+
+			if (g->alpha != 1.0f)
+				v = v * g->alpha;
+			if (g->bias != NULL)
+				v = v + g->bias[n0 + j];
+			if (g->accumulate)
+				v = row[j] + v;
+			row[j] = v;
+		}
+		if (g->post != NULL)
+			g->post(row, cols);
+	}
+}
+
+static void
+panel_portable(const osv_gemm *g, const float *packed_a, const float *packed_b,
+			   int n0, int cols)
+{
+	for (int i0 = 0; i0 < g->m; i0 += MR_PORTABLE)
+		tile_portable(g, g->m - i0 < MR_PORTABLE ? g->m - i0 : MR_PORTABLE, i0,
+					  packed_a + (size_t) i0 * g->k, packed_b, n0, cols);
+}
+
+#ifdef HAVE_X86_KERNELS
+
+/* ---- the AVX-512 path ---------------------------------------------------- */
+
+#define AVX512_TARGET __attribute__((target("avx512f,fma")))
+
+/*
+ * One tile of MR rows (a constant after inlining, so that the accumulators
+ * live in registers) at row i0, columns [n0, n0 + cols), cols <= 32.
+ */
+static inline __attribute__((always_inline)) AVX512_TARGET void
+tile_avx512(const osv_gemm *g, const int mr, int i0, const float *a,
+			const float *b, int n0, int cols)
+{
+	__m512		c0[MR_AVX512],
+				c1[MR_AVX512];
+	__mmask16	mask0 = cols >= 16 ? 0xffff : (__mmask16) ((1u << cols) - 1);
+	__mmask16	mask1 = cols >= 32 ? 0xffff : (cols > 16 ? (__mmask16) ((1u << (cols - 16)) - 1) : 0);
+	__m512		alpha = _mm512_set1_ps(g->alpha);
+
+#pragma GCC unroll 14
+	for (int i = 0; i < mr; i++)
+	{
+		c0[i] = _mm512_setzero_ps();
+		c1[i] = _mm512_setzero_ps();
+	}
+	for (int p = 0; p < g->k; p++)
+	{
+		__m512		b0 = _mm512_load_ps(b + (size_t) p * NR_AVX512);
+		__m512		b1 = _mm512_load_ps(b + (size_t) p * NR_AVX512 + 16);
+
+#pragma GCC unroll 14
+		for (int i = 0; i < mr; i++)
+		{
+			__m512		av = _mm512_set1_ps(a[(size_t) p * MR_AVX512 + i]);
+
+			c0[i] = _mm512_fmadd_ps(av, b0, c0[i]);
+			c1[i] = _mm512_fmadd_ps(av, b1, c1[i]);
+		}
+	}
+#pragma GCC unroll 14
+	for (int i = 0; i < mr; i++)
+	{
+		float	   *row = g->c + (size_t) (i0 + i) * g->ldc + n0;
+		__m512		v0 = c0[i],
+					v1 = c1[i];
+
+		if (g->alpha != 1.0f)
+		{
+			v0 = _mm512_mul_ps(v0, alpha);
+			v1 = _mm512_mul_ps(v1, alpha);
+		}
+		if (g->bias != NULL)
+		{
+			v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(mask0, g->bias + n0));
+			v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(mask1, g->bias + n0 + 16));
+		}
+		if (g->accumulate)
+		{
+			v0 = _mm512_add_ps(_mm512_maskz_loadu_ps(mask0, row), v0);
+			v1 = _mm512_add_ps(_mm512_maskz_loadu_ps(mask1, row + 16), v1);
+		}
+		_mm512_mask_storeu_ps(row, mask0, v0);
+		_mm512_mask_storeu_ps(row + 16, mask1, v1);
+		if (g->post != NULL)
+			g->post(row, cols);
+	}
+}
+
+/*
+ * dst[i * ldd + j] = src[j * lds + i] for a 16 x 16 block: the packing of
+ * a PyTorch weight's rows into columns, 16 rows at a time in registers
+ * (unpack, then 64-bit, then two 128-bit shuffle stages).
+ */
+static inline AVX512_TARGET void
+transpose16_avx512(const float *src, size_t lds, float *dst, size_t ldd)
+{
+	__m512		r[16],
+				t[16];
+
+	for (int i = 0; i < 16; i++)
+		r[i] = _mm512_loadu_ps(src + (size_t) i * lds);
+	for (int i = 0; i < 16; i += 2)
+	{
+		t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+		t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+	}
+	for (int i = 0; i < 16; i += 4)
+	{
+		r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+		r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xee);
+		r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+		r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xee);
+	}
+	for (int i = 0; i < 4; i++)
+	{
+		t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+		t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
+		t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+		t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
+	}
+	for (int i = 0; i < 8; i++)
+	{
+		r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+		r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+	}
+	for (int i = 0; i < 16; i++)
+		_mm512_storeu_ps(dst + (size_t) i * ldd, r[i]);
+}
+
+/* pack_b for NR = 32, with the transposition of full weight panels in registers. */
+static AVX512_TARGET void
+pack_b_avx512(const osv_gemm *g, int n0, float *dst)
+{
+	int			p = 0;
+
+	if (!g->b_is_nk || g->n - n0 < NR_AVX512)
+	{
+		pack_b(g, NR_AVX512, n0, dst);
+		return;
+	}
+	for (; p + 16 <= g->k; p += 16)
+		for (int j = 0; j < NR_AVX512; j += 16)
+			transpose16_avx512(g->b + (size_t) (n0 + j) * g->ldb + p, g->ldb,
+							   dst + (size_t) p * NR_AVX512 + j, NR_AVX512);
+	for (; p < g->k; p++)
+		for (int j = 0; j < NR_AVX512; j++)
+			dst[(size_t) p * NR_AVX512 + j] = g->b[(size_t) (n0 + j) * g->ldb + p];
+}
+
+static AVX512_TARGET void
+panel_avx512(const osv_gemm *g, const float *packed_a, const float *packed_b,
+			 int n0, int cols)
+{
+	int			i0 = 0;
+
+	for (; i0 + MR_AVX512 <= g->m; i0 += MR_AVX512)
+		tile_avx512(g, MR_AVX512, i0, packed_a + (size_t) i0 * g->k, packed_b, n0, cols);
+	if (i0 == g->m)
+		return;
+	/* the last rows: one copy of the tile per count, each with its registers */
+	packed_a += (size_t) i0 * g->k;
+	switch (g->m - i0)
+	{
+#define REST(r) case r: tile_avx512(g, r, i0, packed_a, packed_b, n0, cols); break
+			REST(1);
+			REST(2);
+			REST(3);
+			REST(4);
+			REST(5);
+			REST(6);
+			REST(7);
+			REST(8);
+			REST(9);
+			REST(10);
+			REST(11);
+			REST(12);
+			REST(13);
+#undef REST
+	}
+}
+
+/* ---- the AVX2 path ------------------------------------------------------- */
+
+#define AVX2_TARGET __attribute__((target("avx2,fma")))
+
+/* Mask of the first n (0..8) lanes of a ymm, for maskload / maskstore. */
+static inline AVX2_TARGET __m256i
+lanes_avx2(int n)
+{
+	__m256i		idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+
+	return _mm256_cmpgt_epi32(_mm256_set1_epi32(n < 0 ? 0 : n), idx);
+}
+
+static inline __attribute__((always_inline)) AVX2_TARGET void
+tile_avx2(const osv_gemm *g, const int mr, int i0, const float *a,
+		  const float *b, int n0, int cols)
+{
+	__m256		c0[MR_AVX2],
+				c1[MR_AVX2];
+	__m256i		mask0 = lanes_avx2(cols);
+	__m256i		mask1 = lanes_avx2(cols - 8);
+	__m256		alpha = _mm256_set1_ps(g->alpha);
+
+#pragma GCC unroll 6
+	for (int i = 0; i < mr; i++)
+	{
+		c0[i] = _mm256_setzero_ps();
+		c1[i] = _mm256_setzero_ps();
+	}
+	for (int p = 0; p < g->k; p++)
+	{
+		__m256		b0 = _mm256_load_ps(b + (size_t) p * NR_AVX2);
+		__m256		b1 = _mm256_load_ps(b + (size_t) p * NR_AVX2 + 8);
+
+#pragma GCC unroll 6
+		for (int i = 0; i < mr; i++)
+		{
+			__m256		av = _mm256_broadcast_ss(a + (size_t) p * MR_AVX2 + i);
+
+			c0[i] = _mm256_fmadd_ps(av, b0, c0[i]);
+			c1[i] = _mm256_fmadd_ps(av, b1, c1[i]);
+		}
+	}
+#pragma GCC unroll 6
+	for (int i = 0; i < mr; i++)
+	{
+		float	   *row = g->c + (size_t) (i0 + i) * g->ldc + n0;
+		__m256		v0 = c0[i],
+					v1 = c1[i];
+
+		if (g->alpha != 1.0f)
+		{
+			v0 = _mm256_mul_ps(v0, alpha);
+			v1 = _mm256_mul_ps(v1, alpha);
+		}
+		if (g->bias != NULL)
+		{
+			v0 = _mm256_add_ps(v0, _mm256_maskload_ps(g->bias + n0, mask0));
+			v1 = _mm256_add_ps(v1, _mm256_maskload_ps(g->bias + n0 + 8, mask1));
+		}
+		if (g->accumulate)
+		{
+			v0 = _mm256_add_ps(_mm256_maskload_ps(row, mask0), v0);
+			v1 = _mm256_add_ps(_mm256_maskload_ps(row + 8, mask1), v1);
+		}
+		_mm256_maskstore_ps(row, mask0, v0);
+		_mm256_maskstore_ps(row + 8, mask1, v1);
+		if (g->post != NULL)
+			g->post(row, cols);
+	}
+}
+
+static AVX2_TARGET void
+panel_avx2(const osv_gemm *g, const float *packed_a, const float *packed_b,
+		   int n0, int cols)
+{
+	int			i0 = 0;
+
+	for (; i0 + MR_AVX2 <= g->m; i0 += MR_AVX2)
+		tile_avx2(g, MR_AVX2, i0, packed_a + (size_t) i0 * g->k, packed_b, n0, cols);
+	if (i0 == g->m)
+		return;
+	packed_a += (size_t) i0 * g->k;
+	switch (g->m - i0)
+	{
+#define REST(r) case r: tile_avx2(g, r, i0, packed_a, packed_b, n0, cols); break
+			REST(1);
+			REST(2);
+			REST(3);
+			REST(4);
+			REST(5);
+#undef REST
+	}
+}
+
+#endif							/* HAVE_X86_KERNELS */
+
+/* ---- choosing a path ----------------------------------------------------- */
+
+static void
+pack_b_portable(const osv_gemm *g, int n0, float *dst)
+{
+	pack_b(g, NR_PORTABLE, n0, dst);
+}
+
+static const kernel_path path_portable = {"portable", MR_PORTABLE, NR_PORTABLE, pack_b_portable, panel_portable};
+#ifdef HAVE_X86_KERNELS
+static void
+pack_b_avx2(const osv_gemm *g, int n0, float *dst)
+{
+	pack_b(g, NR_AVX2, n0, dst);
+}
+
+static const kernel_path path_avx512 = {"avx512", MR_AVX512, NR_AVX512, pack_b_avx512, panel_avx512};
+static const kernel_path path_avx2 = {"avx2", MR_AVX2, NR_AVX2, pack_b_avx2, panel_avx2};
+#endif
+
+static const kernel_path *current;
+
+static bool
+cpu_runs(osv_kernels which)
+{
+#ifdef HAVE_X86_KERNELS
+	/* __builtin_cpu_supports also checks that the OS saves the registers */
+	__builtin_cpu_init();
+	if (which == OSV_KERNELS_AVX512)
+		return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
+	if (which == OSV_KERNELS_AVX2)
+		return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+	return which == OSV_KERNELS_PORTABLE;
+}
+
+bool
+osv_gemm_use_kernels(osv_kernels which)
+{
+	if (which == OSV_KERNELS_AUTO)
+	{
+		current = NULL;
+		return true;
+	}
+	if (!cpu_runs(which))
+		return false;
+#ifdef HAVE_X86_KERNELS
+	if (which == OSV_KERNELS_AVX512)
+		current = &path_avx512;
+	else if (which == OSV_KERNELS_AVX2)
+		current = &path_avx2;
+	else
+#endif
+		current = &path_portable;
+	return true;
+}
+
+static const kernel_path *
+path(void)
+{
+	if (current == NULL)
+	{
+		if (!osv_gemm_use_kernels(OSV_KERNELS_AVX512) &&
+			!osv_gemm_use_kernels(OSV_KERNELS_AVX2))
+			osv_gemm_use_kernels(OSV_KERNELS_PORTABLE);
+	}
+	return current;
+}
+
+const char *
+osv_gemm_kernels_name(void)
+{
+	return path()->name;
+}
+
+/* ---- running a product ---------------------------------------------------- */
+
+static size_t
+round_up(size_t x, size_t to)
+{
+	return (x + to - 1) / to * to;
+}
+
+size_t
+osv_gemm_packed_a_floats(int m, int k)
+{
+	/* enough for m rounded up to the MR of any path */
+	return ((size_t) m + MR_MAX - 1) * (size_t) k;
+}
+
+size_t
+osv_gemm_scratch_floats(int max_m, int max_k)
+{
+	/* a B panel, then (serial use) the packed A; both 64-byte aligned */
+	return round_up((size_t) max_k * NR_MAX, 16) + osv_gemm_packed_a_floats(max_m, max_k);
+}
+
+typedef struct run_step
+{
+	const osv_gemm *g;
+	const kernel_path *kp;
+	float	   *packed_a;
+} run_step;
+
+static void
+pack_a_step(void *arg, int ith, int nth)
+{
+	run_step   *s = arg;
+	int			blocks = (s->g->m + s->kp->mr - 1) / s->kp->mr;
+	int			lo,
+				hi;
+
+	osv_split(blocks, ith, nth, &lo, &hi);
+	pack_a(s->g, s->kp->mr, lo, hi, s->packed_a);
+}
+
+static void
+panels_step(void *arg, int ith, int nth)
+{
+	run_step   *s = arg;
+	const osv_gemm *g = s->g;
+	int			nr = s->kp->nr;
+	int			panels = (g->n + nr - 1) / nr;
+	float	   *packed_b = osv_pool_scratch(ith);
+	int			lo,
+				hi;
+
+	osv_split(panels, ith, nth, &lo, &hi);
+	for (int pnl = lo; pnl < hi; pnl++)
+	{
+		int			n0 = pnl * nr;
+
+		s->kp->pack_b(g, n0, packed_b);
+		s->kp->panel(g, s->packed_a, packed_b, n0, g->n - n0 < nr ? g->n - n0 : nr);
+	}
+}
+
+void
+osv_gemm_run(const osv_gemm *g, float *packed_a)
+{
+	run_step	s = {g, path(), packed_a};
+
+	osv_pool_run(pack_a_step, &s);
+	osv_pool_run(panels_step, &s);
+}
+
+void
+osv_gemm_serial(const osv_gemm *g, float *scratch)
+{
+	const kernel_path *kp = path();
+	float	   *packed_b = scratch;
+	float	   *packed_a = scratch + round_up((size_t) g->k * NR_MAX, 16);
+
+	pack_a(g, kp->mr, 0, (g->m + kp->mr - 1) / kp->mr, packed_a);
+	for (int n0 = 0; n0 < g->n; n0 += kp->nr)
+	{
+		kp->pack_b(g, n0, packed_b);
+		kp->panel(g, packed_a, packed_b, n0, g->n - n0 < kp->nr ? g->n - n0 : kp->nr);
+	}
+}
+
+const char *
+osv_kernels_name(void)
+{
+	return osv_gemm_kernels_name();
+}

@@ -1,0 +1,74 @@
+/*
+ * gemm.h: the matrix products of the forward pass, on our own kernels
+ * (gemm.c says how and why).
+ *
+ *   C[i, j] = post(C[i, j] (if accumulate) + (alpha * sum_k A[i, k] B(k, j) + bias[j]))
+ *
+ * A is row-major [m, k] with leading dimension lda.  B is either a PyTorch
+ * weight, row-major [n, k] (b_is_nk: B(k, j) = b[j * ldb + k]), or
+ * row-major [k, n] (B(k, j) = b[k * ldb + j]).  Every C[i, j] is one chain
+ * of fused multiply-adds over k = 0, 1, ..., k - 1 from zero, then the
+ * epilogue in the order written above, on every kernel path: a result
+ * does not depend on the thread count, on m (the images in a run), on
+ * where C's rows are, nor on which of the AVX-512, AVX2 or portable
+ * kernels ran.
+ */
+#ifndef OSV5M_GEMM_H
+#define OSV5M_GEMM_H
+
+#include "internal.h"
+
+typedef struct osv_gemm
+{
+	int			m,
+				n,
+				k;
+	const float *a;
+	size_t		lda;
+	const float *b;
+	size_t		ldb;
+	bool		b_is_nk;		/* b is [n, k] (a PyTorch weight) */
+	float		alpha;
+	const float *bias;			/* [n] or NULL */
+	bool		accumulate;		/* C = C + result, else C = result */
+	float	   *c;
+	size_t		ldc;
+	/* applied in place to each finished stretch of a row of C, or NULL */
+	void		(*post) (float *row, int n);
+} osv_gemm;
+
+/* The kernel paths, fastest first; OSV_KERNELS_AUTO picks from the CPU. */
+typedef enum osv_kernels
+{
+	OSV_KERNELS_AUTO,
+	OSV_KERNELS_AVX512,
+	OSV_KERNELS_AVX2,
+	OSV_KERNELS_PORTABLE
+} osv_kernels;
+
+/* The path the products take now ("avx512", "avx2" or "portable"). */
+const char *osv_gemm_kernels_name(void);
+
+/*
+ * Use path `which` from now on (tests and benchmarks); false, leaving the
+ * path unchanged, when this CPU cannot run it.
+ */
+bool		osv_gemm_use_kernels(osv_kernels which);
+
+/* Floats of scratch one thread needs for products with k <= max_k and m <= max_m (serial use). */
+size_t		osv_gemm_scratch_floats(int max_m, int max_k);
+
+/* Floats of the shared A buffer of osv_gemm_run for m rows of k values. */
+size_t		osv_gemm_packed_a_floats(int m, int k);
+
+/*
+ * The product on every thread of the pool: rows of A are packed once into
+ * packed_a (osv_gemm_packed_a_floats of it), then the threads split
+ * the columns of C.  Each thread's scratch must hold osv_gemm_scratch_floats(0, k).
+ */
+void		osv_gemm_run(const osv_gemm *g, float *packed_a);
+
+/* The whole product on the calling thread, with scratch of osv_gemm_scratch_floats(m, k). */
+void		osv_gemm_serial(const osv_gemm *g, float *scratch);
+
+#endif							/* OSV5M_GEMM_H */

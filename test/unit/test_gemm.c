@@ -1,0 +1,266 @@
+/*
+ * test_gemm.c: our matrix-product kernels (gemm.c) on random shapes that
+ * cover every remainder of the tiles (rows not a multiple of MR, columns
+ * not a multiple of NR, k not a multiple of the transposition's 16), both
+ * layouts of B, strided A and C, alpha, bias, accumulation and post.
+ *
+ * Three independent yardsticks:
+ *   - a double-precision product computed here, with the epilogue in the
+ *     same order (each output within a bound of the float rounding of a
+ *     k-term sum);
+ *   - OpenBLAS's SGEMM, the library the core used before (cross-check);
+ *   - the same FMA chain written out with fmaf() here: every path must
+ *     give exactly these bits, on every thread count, through both the
+ *     threaded and the serial entry points.
+ */
+#include "gemm.h"
+#include "pool.h"
+#include "blas.h"
+
+#include "check.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+static unsigned long long rng_state = 88172645463325252ULL;
+
+static float
+uniform(void)
+{
+	rng_state ^= rng_state << 13;
+	rng_state ^= rng_state >> 7;
+	rng_state ^= rng_state << 17;
+	return (float) ((double) (rng_state >> 11) / 9007199254740992.0 * 2.0 - 1.0);
+}
+
+static void
+post_square(float *row, int n)
+{
+	for (int i = 0; i < n; i++)
+		row[i] = row[i] * row[i];
+}
+
+/* B(k, j) of g. */
+static float
+b_at(const osv_gemm *g, int p, int j)
+{
+	return g->b_is_nk ? g->b[(size_t) j * g->ldb + p] : g->b[(size_t) p * g->ldb + j];
+}
+
+/* The exact expected bits: one fmaf chain per output, then the epilogue. */
+static void
+expected_bits(const osv_gemm *g, const float *c_before, float *out)
+{
+	for (int i = 0; i < g->m; i++)
+	{
+		for (int j = 0; j < g->n; j++)
+		{
+			float		acc = 0.0f;
+			float		v;
+
+			for (int p = 0; p < g->k; p++)
+				acc = fmaf(g->a[(size_t) i * g->lda + p], b_at(g, p, j), acc);
+			v = acc;
+			if (g->alpha != 1.0f)
+				v = v * g->alpha;
+			if (g->bias != NULL)
+				v = v + g->bias[j];
+			if (g->accumulate)
+				v = c_before[(size_t) i * g->ldc + j] + v;
+			out[(size_t) i * g->ldc + j] = v;
+		}
+		if (g->post != NULL)
+			g->post(out + (size_t) i * g->ldc, g->n);
+	}
+}
+
+/* Largest error of C against a double-precision product, in units of its bound. */
+static double
+error_vs_double(const osv_gemm *g, const float *c_before, const float *c)
+{
+	double		worst = 0.0;
+
+	for (int i = 0; i < g->m; i++)
+		for (int j = 0; j < g->n; j++)
+		{
+			double		sum = 0.0,
+						mag = 0.0,
+						v,
+						bound;
+
+			for (int p = 0; p < g->k; p++)
+			{
+				double		t = (double) g->a[(size_t) i * g->lda + p] * b_at(g, p, j);
+
+				sum += t;
+				mag += fabs(t);
+			}
+			v = sum * g->alpha;
+			mag *= fabs(g->alpha);
+			if (g->bias != NULL)
+			{
+				v += g->bias[j];
+				mag += fabs(g->bias[j]);
+			}
+			if (g->accumulate)
+			{
+				v += c_before[(size_t) i * g->ldc + j];
+				mag += fabs(c_before[(size_t) i * g->ldc + j]);
+			}
+			if (g->post != NULL)
+			{
+				/* post squares: the bound scales with 2 |v| */
+				mag *= 2.0 * fabs(v) + 1.0;
+				v = v * v;
+			}
+			/* a k-term float sum: at most about (k + 3) eps of the magnitudes */
+			bound = (g->k + 4) * 1.2e-7 * mag + 1e-30;
+			v = fabs(c[(size_t) i * g->ldc + j] - v) / bound;
+			if (v > worst)
+				worst = v;
+		}
+	return worst;
+}
+
+/* C of OpenBLAS's SGEMM with the same epilogue, for the cross-check. */
+static double
+relative_vs_openblas(const osv_gemm *g, const float *c_before, const float *c)
+{
+	float	   *t = calloc((size_t) g->m * g->n, sizeof(float));
+	double		worst = 0.0,
+				scale = 0.0;
+
+	osv_sgemm(CblasNoTrans, g->b_is_nk ? CblasTrans : CblasNoTrans, g->m, g->n, g->k,
+			  g->alpha, g->a, (int) g->lda, g->b, (int) g->ldb, 0.0f, t, g->n);
+	for (int i = 0; i < g->m; i++)
+	{
+		for (int j = 0; j < g->n; j++)
+		{
+			float	   *v = t + (size_t) i * g->n + j;
+
+			if (g->bias != NULL)
+				*v += g->bias[j];
+			if (g->accumulate)
+				*v = c_before[(size_t) i * g->ldc + j] + *v;
+		}
+		if (g->post != NULL)
+			g->post(t + (size_t) i * g->n, g->n);
+		for (int j = 0; j < g->n; j++)
+		{
+			double		d = fabs((double) c[(size_t) i * g->ldc + j] - t[(size_t) i * g->n + j]);
+
+			worst = d > worst ? d : worst;
+			scale = fabs(t[(size_t) i * g->n + j]) > scale ? fabs(t[(size_t) i * g->n + j]) : scale;
+		}
+	}
+	free(t);
+	return worst / (scale > 0.0 ? scale : 1.0);
+}
+
+static const char *const path_names[] = {"auto", "avx512", "avx2", "portable"};
+
+static void
+check_shape(int m, int n, int k, bool nk, bool bias, bool accumulate, bool post,
+			float alpha)
+{
+	size_t		lda = (size_t) k + 3,
+				ldb = (nk ? (size_t) k : (size_t) n) + 5,
+				ldc = (size_t) n + 7;
+	float	   *a = malloc((size_t) m * lda * sizeof(float));
+	float	   *b = malloc((nk ? (size_t) n : (size_t) k) * ldb * sizeof(float));
+	float	   *bv = malloc((size_t) n * sizeof(float));
+	float	   *c0 = malloc((size_t) m * ldc * sizeof(float));
+	float	   *want = malloc((size_t) m * ldc * sizeof(float));
+	float	   *c = malloc((size_t) m * ldc * sizeof(float));
+	float	   *packed = malloc(osv_gemm_packed_a_floats(m, k) * sizeof(float));
+	float	   *scratch = aligned_alloc(64, (osv_gemm_scratch_floats(m, k) * sizeof(float) + 63) / 64 * 64);
+	osv_gemm	g = {
+		.m = m,.n = n,.k = k,.a = a,.lda = lda,.b = b,.ldb = ldb,.b_is_nk = nk,
+		.alpha = alpha,.bias = bias ? bv : NULL,.accumulate = accumulate,
+		.c = c,.ldc = ldc,.post = post ? post_square : NULL
+	};
+	osv_error	err;
+	char		what[160];
+	double		e;
+
+	for (size_t i = 0; i < (size_t) m * lda; i++)
+		a[i] = uniform();
+	for (size_t i = 0; i < (nk ? (size_t) n : (size_t) k) * ldb; i++)
+		b[i] = uniform();
+	for (int i = 0; i < n; i++)
+		bv[i] = uniform();
+	for (size_t i = 0; i < (size_t) m * ldc; i++)
+		c0[i] = uniform();
+	memcpy(want, c0, (size_t) m * ldc * sizeof(float));
+	expected_bits(&g, c0, want);
+	snprintf(what, sizeof(what), "m=%d n=%d k=%d %s%s%s%s alpha=%g", m, n, k,
+			 nk ? "[n,k]" : "[k,n]", bias ? " bias" : "", accumulate ? " accumulate" : "",
+			 post ? " post" : "", alpha);
+
+	for (int path = OSV_KERNELS_AVX512; path <= OSV_KERNELS_PORTABLE; path++)
+	{
+		if (!osv_gemm_use_kernels((osv_kernels) path))
+			continue;
+		for (int threads = 1; threads <= 3; threads++)
+		{
+			CHECK(osv_pool_prepare(threads, osv_gemm_scratch_floats(0, k) * sizeof(float), &err) == OSV_OK,
+				  "pool: %s", err.message);
+			memcpy(c, c0, (size_t) m * ldc * sizeof(float));
+			osv_gemm_run(&g, packed);
+			CHECK(memcmp(c, want, (size_t) m * ldc * sizeof(float)) == 0,
+				  "%s: %s kernels on %d threads are not the fmaf chain's bits",
+				  what, path_names[path], threads);
+		}
+		memcpy(c, c0, (size_t) m * ldc * sizeof(float));
+		osv_gemm_serial(&g, scratch);
+		CHECK(memcmp(c, want, (size_t) m * ldc * sizeof(float)) == 0,
+			  "%s: %s kernels, serial, are not the fmaf chain's bits", what, path_names[path]);
+	}
+	osv_gemm_use_kernels(OSV_KERNELS_AUTO);
+
+	e = error_vs_double(&g, c0, want);
+	CHECK(e <= 1.0, "%s: %.3g times the rounding bound away from the double product", what, e);
+	e = relative_vs_openblas(&g, c0, want);
+	CHECK(e <= 1e-5, "%s: %.3g relative to OpenBLAS", what, e);
+
+	free(a);
+	free(b);
+	free(bv);
+	free(c0);
+	free(want);
+	free(c);
+	free(packed);
+	free(scratch);
+}
+
+int
+main(void)
+{
+	static const int ms[] = {1, 5, 13, 14, 15, 29, 257};
+	static const int ns[] = {1, 16, 17, 31, 32, 33, 64, 100};
+	static const int ks[] = {1, 7, 16, 17, 64, 257};
+	osv_error	err;
+	int			shapes = 0;
+
+	CHECK(osv_blas_load(&err) == OSV_OK, "OpenBLAS: %s", err.message);
+	printf("kernels chosen for this CPU: %s\n", osv_gemm_kernels_name());
+	for (size_t mi = 0; mi < sizeof(ms) / sizeof(ms[0]); mi++)
+		for (size_t ni = 0; ni < sizeof(ns) / sizeof(ns[0]); ni++)
+			for (size_t ki = 0; ki < sizeof(ks) / sizeof(ks[0]); ki++)
+			{
+				int			v = (int) (mi + ni + ki);
+
+				check_shape(ms[mi], ns[ni], ks[ki], v % 2 == 0, v % 3 != 0, v % 4 < 2,
+							v % 5 == 0, v % 7 == 0 ? 0.125f : 1.0f);
+				shapes++;
+			}
+	/* the model's own shapes, one of each kind */
+	check_shape(257, 1024, 1024, true, true, true, false, 1.0f);
+	check_shape(4, 96, 4096, true, true, false, true, 1.0f);
+	check_shape(257, 257, 64, true, false, false, false, 0.125f);
+	check_shape(257, 64, 257, false, false, false, false, 1.0f);
+	printf("%d shapes on every kernel path this CPU runs, 1 to 3 threads and serial\n", shapes + 4);
+	osv_pool_prepare(1, 0, &err);
+	return check_summary("test_gemm");
+}
