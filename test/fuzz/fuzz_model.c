@@ -77,7 +77,7 @@ LLVMFuzzerInitialize(int *argc, char ***argv)
 		exit(1);
 	}
 	atexit(remove_dir);
-	osv_blas_set_threads(1);
+	osv_set_threads(1);
 	return 0;
 }
 
