@@ -16,7 +16,7 @@
  *       one JSON object: the model's shapes, dtype, cells, file size,
  *       parameters, GFLOP per image, paths, the weights file's format and
  *       SHA-256 ("fingerprint", what sha256sum prints), where the cells
- *       came from, BLAS core and threads
+ *       came from, kernels and threads
  *   osv5m convert --model DIR [--quadtree CSV] --out DIR2
  *       writes the model as DIR2/model.safetensors (F32), config.json and
  *       quadtree_10_1000.csv; DIR2 gives bit-identical predictions
@@ -42,11 +42,11 @@
  * Doubles are printed with %.17g, floats with %.9g (both round-trip); NaN
  * and infinities as null.  File names are JSON-escaped (invalid UTF-8 bytes
  * become U+FFFD).  --batch B (default 1) runs the network on B images at
- * once: faster per image, and the same results (bit for bit with
- * OpenBLAS's AVX-512 kernels on ViT-L/14, see src/core/network.c).  Exit
+ * once: faster per image, and the same results bit for bit (see
+ * src/core/gemm.c).  Exit
  * status: 0, 1 when any file failed, 2 on a usage or
- * model error (with a message on stderr).  --threads defaults to
- * OPENBLAS_NUM_THREADS, else the number of online CPUs.
+ * model error (with a message on stderr).  --threads defaults to the
+ * number of online CPUs.
  */
 #include "osv5m.h"
 
@@ -119,7 +119,7 @@ print_usage(FILE *out, const char *command)
 			  "  --model DIR       model directory (model.safetensors, config.json, quadtree)\n"
 			  "  --quadtree CSV    quadtree file, instead of the one in DIR\n"
 			  "  --top K           also print the K most likely cells (default 0: none)\n"
-			  "  --threads N       OpenBLAS threads (default: all CPUs)\n"
+			  "  --threads N       threads (default: all CPUs)\n"
 			  "  --max-pixels N    refuse images of more than N pixels (default 50000000)\n"
 			  "  --batch N         run the network on N images at a time (default 1)\n",
 			  out);
@@ -296,7 +296,7 @@ now(void)
 
 /* ---- files and the model ------------------------------------------------- */
 
-/* Set the BLAS threads, open the model and a context; false after a message. */
+/* Set the threads, open the model and a context; false after a message. */
 static bool
 open_model(const options *opt, osv_model **model, osv_context **ctx)
 {
@@ -759,7 +759,7 @@ cmd_bench(const options *opt, int nfiles, char **files)
 		}
 		else
 		{
-			printf("model %s: %.3f GFLOP/image, BLAS %s, %d thread(s), %d image(s) per run, %d run(s)\n",
+			printf("model %s: %.3f GFLOP/image, kernels %s, %d thread(s), %d image(s) per run, %d run(s)\n",
 				   opt->model_dir, info->gflop_per_image, osv_kernels_name(),
 				   osv_threads(), opt->batch, runs);
 			printf("%-12s %12s %12s\n", "stage", "median ms", "min ms");
@@ -785,16 +785,12 @@ done:
 
 /* ---- main ---------------------------------------------------------------- */
 
-/* OPENBLAS_NUM_THREADS if set and valid, else the online CPUs. */
+/* The online CPUs. */
 static int
 default_threads(void)
 {
-	const char *env = getenv("OPENBLAS_NUM_THREADS");
-	long long	v;
 	long		n;
 
-	if (env != NULL && parse_int(env, 1, 1024, &v))
-		return (int) v;
 	n = sysconf(_SC_NPROCESSORS_ONLN);
 	return n >= 1 && n <= 1024 ? (int) n : 1;
 }

@@ -44,6 +44,9 @@
 #define HAVE_X86_KERNELS 1
 #endif
 
+#ifndef PREFETCH_FLOATS
+#define PREFETCH_FLOATS 64
+#endif
 #define MR_AVX512 14
 #define NR_AVX512 32
 #define MR_AVX2 6
@@ -55,8 +58,18 @@
 #define MR_MAX 14
 #define NR_MAX 32
 
+/*
+ * Computes the columns [n0, n0 + cols) of C from the packed operands, and
+ * meanwhile prefetches `ahead` (the weights the next panel will pack).
+ */
+typedef struct prefetch
+{
+	const char *start;
+	size_t		bytes;
+} prefetch;
+
 typedef void (*panel_fn) (const osv_gemm *g, const float *packed_a, const float *packed_b,
-						  int n0, int cols);
+						  int n0, int cols, prefetch ahead);
 
 typedef void (*pack_b_fn) (const osv_gemm *g, int n0, float *dst);
 
@@ -128,6 +141,22 @@ pack_b(const osv_gemm *g, int nr, int n0, float *dst)
 	}
 }
 
+/*
+ * Part `part` of `parts` of the prefetch into L2: spread over a panel's
+ * tiles, so that reading the next panel's weights from memory overlaps
+ * with this panel's arithmetic instead of stalling its packing (the 32
+ * rows of a panel are more streams than the hardware prefetchers follow).
+ */
+static inline void
+prefetch_part(prefetch ahead, int part, int parts)
+{
+	size_t		lo = ahead.bytes * part / parts & ~(size_t) 63;
+	size_t		hi = ahead.bytes * (part + 1) / parts;
+
+	for (size_t off = lo; off < hi; off += 64)
+		__builtin_prefetch(ahead.start + off, 0, 2);
+}
+
 /* ---- the portable path --------------------------------------------------- */
 
 /* One tile of mr (<= MR_PORTABLE) rows of C at row i0, columns [n0, n0 + cols). */
@@ -165,11 +194,16 @@ tile_portable(const osv_gemm *g, int mr, int i0, const float *a, const float *b,
 
 static void
 panel_portable(const osv_gemm *g, const float *packed_a, const float *packed_b,
-			   int n0, int cols)
+			   int n0, int cols, prefetch ahead)
 {
+	int			tiles = (g->m + MR_PORTABLE - 1) / MR_PORTABLE;
+
 	for (int i0 = 0; i0 < g->m; i0 += MR_PORTABLE)
+	{
+		prefetch_part(ahead, i0 / MR_PORTABLE, tiles);
 		tile_portable(g, g->m - i0 < MR_PORTABLE ? g->m - i0 : MR_PORTABLE, i0,
 					  packed_a + (size_t) i0 * g->k, packed_b, n0, cols);
+	}
 }
 
 #ifdef HAVE_X86_KERNELS
@@ -293,8 +327,12 @@ pack_b_avx512(const osv_gemm *g, int n0, float *dst)
 		pack_b(g, NR_AVX512, n0, dst);
 		return;
 	}
-	for (; p + 16 <= g->k; p += 16)
-		for (int j = 0; j < NR_AVX512; j += 16)
+	/*
+	 * 16 rows at a time from start to end: 16 streams through memory, which
+	 * the hardware prefetchers follow (all 32 rows at once are too many)
+	 */
+	for (int j = 0; j < NR_AVX512; j += 16)
+		for (p = 0; p + 16 <= g->k; p += 16)
 			transpose16_avx512(g->b + (size_t) (n0 + j) * g->ldb + p, g->ldb,
 							   dst + (size_t) p * NR_AVX512 + j, NR_AVX512);
 	for (; p < g->k; p++)
@@ -304,14 +342,19 @@ pack_b_avx512(const osv_gemm *g, int n0, float *dst)
 
 static AVX512_TARGET void
 panel_avx512(const osv_gemm *g, const float *packed_a, const float *packed_b,
-			 int n0, int cols)
+			 int n0, int cols, prefetch ahead)
 {
 	int			i0 = 0;
+	int			tiles = (g->m + MR_AVX512 - 1) / MR_AVX512;
 
 	for (; i0 + MR_AVX512 <= g->m; i0 += MR_AVX512)
+	{
+		prefetch_part(ahead, i0 / MR_AVX512, tiles);
 		tile_avx512(g, MR_AVX512, i0, packed_a + (size_t) i0 * g->k, packed_b, n0, cols);
+	}
 	if (i0 == g->m)
 		return;
+	prefetch_part(ahead, tiles - 1, tiles);
 	/* the last rows: one copy of the tile per count, each with its registers */
 	packed_a += (size_t) i0 * g->k;
 	switch (g->m - i0)
@@ -408,14 +451,19 @@ tile_avx2(const osv_gemm *g, const int mr, int i0, const float *a,
 
 static AVX2_TARGET void
 panel_avx2(const osv_gemm *g, const float *packed_a, const float *packed_b,
-		   int n0, int cols)
+		   int n0, int cols, prefetch ahead)
 {
 	int			i0 = 0;
+	int			tiles = (g->m + MR_AVX2 - 1) / MR_AVX2;
 
 	for (; i0 + MR_AVX2 <= g->m; i0 += MR_AVX2)
+	{
+		prefetch_part(ahead, i0 / MR_AVX2, tiles);
 		tile_avx2(g, MR_AVX2, i0, packed_a + (size_t) i0 * g->k, packed_b, n0, cols);
+	}
 	if (i0 == g->m)
 		return;
+	prefetch_part(ahead, tiles - 1, tiles);
 	packed_a += (size_t) i0 * g->k;
 	switch (g->m - i0)
 	{
@@ -528,6 +576,19 @@ osv_gemm_scratch_floats(int max_m, int max_k)
 	return round_up((size_t) max_k * NR_MAX, 16) + osv_gemm_packed_a_floats(max_m, max_k);
 }
 
+/* The weights the panel at column n0 packs, when they are one block of memory. */
+static prefetch
+next_panel(const osv_gemm *g, int n0, int nr)
+{
+	prefetch	none = {NULL, 0};
+	int			cols = g->n - n0 < nr ? g->n - n0 : nr;
+
+	if (!g->b_is_nk || n0 >= g->n || g->ldb != (size_t) g->k)
+		return none;
+	return (prefetch) {(const char *) (g->b + (size_t) n0 * g->ldb),
+		(size_t) cols * g->ldb * sizeof(float)};
+}
+
 typedef struct run_step
 {
 	const osv_gemm *g;
@@ -564,7 +625,8 @@ panels_step(void *arg, int ith, int nth)
 		int			n0 = pnl * nr;
 
 		s->kp->pack_b(g, n0, packed_b);
-		s->kp->panel(g, s->packed_a, packed_b, n0, g->n - n0 < nr ? g->n - n0 : nr);
+		s->kp->panel(g, s->packed_a, packed_b, n0, g->n - n0 < nr ? g->n - n0 : nr,
+					 pnl + 1 < hi ? next_panel(g, n0 + nr, nr) : (prefetch) {NULL, 0});
 	}
 }
 
@@ -588,7 +650,8 @@ osv_gemm_serial(const osv_gemm *g, float *scratch)
 	for (int n0 = 0; n0 < g->n; n0 += kp->nr)
 	{
 		kp->pack_b(g, n0, packed_b);
-		kp->panel(g, packed_a, packed_b, n0, g->n - n0 < kp->nr ? g->n - n0 : kp->nr);
+		kp->panel(g, packed_a, packed_b, n0, g->n - n0 < kp->nr ? g->n - n0 : kp->nr,
+				  (prefetch) {NULL, 0});
 	}
 }
 

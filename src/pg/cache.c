@@ -165,7 +165,7 @@ Load(const char *dir)
 		model = NULL;
 	}
 
-	/* The thread count must be set before the core's first dlopen of BLAS. */
+	/* the core starts or resizes its threads on the next run */
 	osv_set_threads(osv5m_threads);
 	if (osv_context_new(model, &ctx, &err) != OSV_OK)
 	{
@@ -337,8 +337,8 @@ OsvErrorCode(const osv_error *err, OsvStage stage, const char **hint)
 		default:
 			if (stage == OSV_STAGE_CONTEXT)
 			{
-				/* the context is where the core loads OpenBLAS */
-				*hint = "Check that OpenBLAS (libopenblas0) is installed on the server.";
+				/* the context is where the core allocates the run state */
+				*hint = "Check the server's free memory and the model's dimensions.";
 				return ERRCODE_EXTERNAL_ROUTINE_EXCEPTION;
 			}
 			*hint = "Set osv5m.model_path to the model's directory (config.json and "

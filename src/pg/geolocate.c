@@ -345,7 +345,7 @@ JsonFloatArray(StringInfo buf, const char *key, const float *values, int n)
 
 /*
  * osv5m_model_info() RETURNS jsonb: what this backend loaded, from where,
- * how long it took, and the BLAS it runs on.  Loads the model if needed.
+ * how long it took, and the kernels it runs on.  Loads the model if needed.
  */
 Datum
 osv5m_model_info(PG_FUNCTION_ARGS)

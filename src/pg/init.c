@@ -3,10 +3,9 @@
  *
  * All GUCs are defined here and only here.  _PG_init runs in the postmaster
  * when the library is in shared_preload_libraries, so it must stay cheap and
- * must not touch the core: in particular nothing BLAS-related happens here
- * (OpenBLAS would start its threads in the postmaster and every forked
- * backend would inherit its fork handlers; src/core/blas.c loads it on first
- * use instead).
+ * must not touch the core: in particular no compute thread starts here
+ * (src/core/pool.c starts them in the process that runs the network, on
+ * its first run, so the postmaster and its forks never have any).
  */
 #include "osv5m_pg.h"
 
@@ -63,7 +62,7 @@ _PG_init(void)
 							   CheckModelPath, NULL, NULL);
 
 	DefineCustomIntVariable("osv5m.threads",
-							"Number of OpenBLAS threads an inference call of this backend uses.",
+							"Number of threads an inference call of this backend uses.",
 							"Range 1 to 64; default 1.  More threads make one call faster "
 							"but compete with other backends for the cores.",
 							&osv5m_threads,
