@@ -39,7 +39,18 @@
 #include <math.h>
 #include <string.h>
 
-#if defined(__x86_64__) && defined(__GNUC__)
+/*
+ * The x86 kernels, except in clang's instrumented fuzzing builds: there the
+ * unrolled tiles take minutes and gigabytes to compile, and the fuzzers
+ * test the loaders and the network's logic, which the portable path runs
+ * alike (test_gemm checks the x86 kernels under GCC's sanitizers).
+ */
+#if defined(__clang__) && defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define NO_X86_KERNELS 1
+#endif
+#endif
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(NO_X86_KERNELS)
 #include <immintrin.h>
 #define HAVE_X86_KERNELS 1
 #endif
@@ -71,6 +82,7 @@ typedef struct prefetch
 typedef void (*panel_fn) (const osv_gemm *g, const float *packed_a, const float *packed_b,
 						  int n0, int cols, prefetch ahead);
 
+typedef void (*pack_a_fn) (const osv_gemm *g, int lo, int hi, float *dst);
 typedef void (*pack_b_fn) (const osv_gemm *g, int n0, float *dst);
 
 typedef struct kernel_path
@@ -78,6 +90,7 @@ typedef struct kernel_path
 	const char *name;
 	int			mr,
 				nr;
+	pack_a_fn	pack_a;			/* blocks [lo, hi) of A */
 	pack_b_fn	pack_b;
 	panel_fn	panel;
 } kernel_path;
@@ -276,18 +289,20 @@ tile_avx512(const osv_gemm *g, const int mr, int i0, const float *a,
 }
 
 /*
- * dst[i * ldd + j] = src[j * lds + i] for a 16 x 16 block: the packing of
- * a PyTorch weight's rows into columns, 16 rows at a time in registers
- * (unpack, then 64-bit, then two 128-bit shuffle stages).
+ * dst[i * ldd + j] = src[j * lds + i] for i < 16 and j < rows (<= 16), the
+ * lanes of keep of each output row stored: the packings' transposition, 16
+ * values of up to 16 rows at a time in registers (unpack, then 64-bit,
+ * then two 128-bit shuffle stages).
  */
-static inline AVX512_TARGET void
-transpose16_avx512(const float *src, size_t lds, float *dst, size_t ldd)
+static inline __attribute__((always_inline)) AVX512_TARGET void
+transpose_avx512(const float *src, size_t lds, int rows, float *dst, size_t ldd,
+				 __mmask16 keep)
 {
 	__m512		r[16],
 				t[16];
 
 	for (int i = 0; i < 16; i++)
-		r[i] = _mm512_loadu_ps(src + (size_t) i * lds);
+		r[i] = i < rows ? _mm512_loadu_ps(src + (size_t) i * lds) : _mm512_setzero_ps();
 	for (int i = 0; i < 16; i += 2)
 	{
 		t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
@@ -313,7 +328,7 @@ transpose16_avx512(const float *src, size_t lds, float *dst, size_t ldd)
 		r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
 	}
 	for (int i = 0; i < 16; i++)
-		_mm512_storeu_ps(dst + (size_t) i * ldd, r[i]);
+		_mm512_mask_storeu_ps(dst + (size_t) i * ldd, keep, r[i]);
 }
 
 /* pack_b for NR = 32, with the transposition of full weight panels in registers. */
@@ -333,11 +348,35 @@ pack_b_avx512(const osv_gemm *g, int n0, float *dst)
 	 */
 	for (int j = 0; j < NR_AVX512; j += 16)
 		for (p = 0; p + 16 <= g->k; p += 16)
-			transpose16_avx512(g->b + (size_t) (n0 + j) * g->ldb + p, g->ldb,
-							   dst + (size_t) p * NR_AVX512 + j, NR_AVX512);
+			transpose_avx512(g->b + (size_t) (n0 + j) * g->ldb + p, g->ldb, 16,
+							 dst + (size_t) p * NR_AVX512 + j, NR_AVX512, 0xffff);
 	for (; p < g->k; p++)
 		for (int j = 0; j < NR_AVX512; j++)
 			dst[(size_t) p * NR_AVX512 + j] = g->b[(size_t) (n0 + j) * g->ldb + p];
+}
+
+/* pack_a for MR = 14: full blocks transposed in registers, the rest as pack_a does. */
+static AVX512_TARGET void
+pack_a_avx512(const osv_gemm *g, int lo, int hi, float *dst)
+{
+	for (int blk = lo; blk < hi; blk++)
+	{
+		float	   *out = dst + (size_t) blk * MR_AVX512 * g->k;
+		const float *src = g->a + (size_t) blk * MR_AVX512 * g->lda;
+		int			p = 0;
+
+		if ((blk + 1) * MR_AVX512 > g->m)
+		{
+			pack_a(g, MR_AVX512, blk, blk + 1, dst);
+			continue;
+		}
+		for (; p + 16 <= g->k; p += 16)
+			transpose_avx512(src + p, g->lda, MR_AVX512, out + (size_t) p * MR_AVX512,
+							 MR_AVX512, (1 << MR_AVX512) - 1);
+		for (; p < g->k; p++)
+			for (int i = 0; i < MR_AVX512; i++)
+				out[(size_t) p * MR_AVX512 + i] = src[(size_t) i * g->lda + p];
+	}
 }
 
 static AVX512_TARGET void
@@ -482,21 +521,35 @@ panel_avx2(const osv_gemm *g, const float *packed_a, const float *packed_b,
 /* ---- choosing a path ----------------------------------------------------- */
 
 static void
+pack_a_portable(const osv_gemm *g, int lo, int hi, float *dst)
+{
+	pack_a(g, MR_PORTABLE, lo, hi, dst);
+}
+
+static void
 pack_b_portable(const osv_gemm *g, int n0, float *dst)
 {
 	pack_b(g, NR_PORTABLE, n0, dst);
 }
 
-static const kernel_path path_portable = {"portable", MR_PORTABLE, NR_PORTABLE, pack_b_portable, panel_portable};
+static const kernel_path path_portable = {"portable", MR_PORTABLE, NR_PORTABLE, pack_a_portable,
+pack_b_portable, panel_portable};
 #ifdef HAVE_X86_KERNELS
+static void
+pack_a_avx2(const osv_gemm *g, int lo, int hi, float *dst)
+{
+	pack_a(g, MR_AVX2, lo, hi, dst);
+}
+
 static void
 pack_b_avx2(const osv_gemm *g, int n0, float *dst)
 {
 	pack_b(g, NR_AVX2, n0, dst);
 }
 
-static const kernel_path path_avx512 = {"avx512", MR_AVX512, NR_AVX512, pack_b_avx512, panel_avx512};
-static const kernel_path path_avx2 = {"avx2", MR_AVX2, NR_AVX2, pack_b_avx2, panel_avx2};
+static const kernel_path path_avx512 = {"avx512", MR_AVX512, NR_AVX512, pack_a_avx512,
+pack_b_avx512, panel_avx512};
+static const kernel_path path_avx2 = {"avx2", MR_AVX2, NR_AVX2, pack_a_avx2, pack_b_avx2, panel_avx2};
 #endif
 
 static const kernel_path *current;
@@ -605,7 +658,7 @@ pack_a_step(void *arg, int ith, int nth)
 				hi;
 
 	osv_split(blocks, ith, nth, &lo, &hi);
-	pack_a(s->g, s->kp->mr, lo, hi, s->packed_a);
+	s->kp->pack_a(s->g, lo, hi, s->packed_a);
 }
 
 static void
@@ -646,7 +699,7 @@ osv_gemm_serial(const osv_gemm *g, float *scratch)
 	float	   *packed_b = scratch;
 	float	   *packed_a = scratch + round_up((size_t) g->k * NR_MAX, 16);
 
-	pack_a(g, kp->mr, 0, (g->m + kp->mr - 1) / kp->mr, packed_a);
+	kp->pack_a(g, 0, (g->m + kp->mr - 1) / kp->mr, packed_a);
 	for (int n0 = 0; n0 < g->n; n0 += kp->nr)
 	{
 		kp->pack_b(g, n0, packed_b);

@@ -11,7 +11,10 @@
 #   postmaster_threads   the postmaster (osv5m in shared_preload_libraries)
 #                        has 1 thread, even after backends ran inference
 #   backend_threads      a backend starts no thread before its first call,
-#                        and OpenBLAS threads only when osv5m.threads > 1
+#                        exactly osv5m.threads - 1 compute threads beside its
+#                        own when it computes, none again after
+#                        osv5m.threads = 1, and its idle threads use no CPU
+#                        (their utime + stime over 2 s of pg_sleep)
 #   memory_growth        a backend's private memory does not grow over
 #                        10,000 geolocate calls and 1,000 failing ones
 #   cancel_latency       pg_cancel_backend stops an inference within 1 s
@@ -65,8 +68,15 @@ fi
 
 # ---- backend_threads -------------------------------------------------------
 # One session: its pid, its threads before any call, after a call with one
-# BLAS thread, and after a call with two.
+# thread, after a call with two, the CPU ticks its other threads used while
+# it slept 2 s, and its threads after a call with one thread again.
 out=$(q <<EOF
+CREATE FUNCTION pg_temp.other_threads_ticks() RETURNS bigint LANGUAGE sql AS
+\$\$ SELECT coalesce(sum(split_part(split_part(st, ') ', 2), ' ', 12)::bigint +
+                     split_part(split_part(st, ') ', 2), ' ', 13)::bigint), 0)
+   FROM (SELECT pg_read_file('/proc/self/task/' || t || '/stat') AS st
+         FROM pg_ls_dir('/proc/self/task') AS t
+         WHERE t::int <> pg_backend_pid()) AS s \$\$;
 SELECT pg_backend_pid();
 SELECT substring(pg_read_file('/proc/self/status') FROM 'Threads:\s*([0-9]+)');
 SET osv5m.model_path = '$GELU';
@@ -75,14 +85,21 @@ SELECT substring(pg_read_file('/proc/self/status') FROM 'Threads:\s*([0-9]+)');
 SET osv5m.threads = 2;
 SELECT count(geolocate(pg_read_binary_file('$MID') || ''::bytea));
 SELECT substring(pg_read_file('/proc/self/status') FROM 'Threads:\s*([0-9]+)');
+SELECT pg_temp.other_threads_ticks() AS before \gset
+SELECT pg_sleep(2);
+SELECT pg_temp.other_threads_ticks() - :before;
+SET osv5m.threads = 1;
+SELECT count(geolocate(pg_read_binary_file('$MID') || '\x00'::bytea));
+SELECT substring(pg_read_file('/proc/self/status') FROM 'Threads:\s*([0-9]+)');
 EOF
 ) || out=""
 set -- $out
-# pid, threads, 1, threads, 1, threads
-if [ $# -eq 6 ] && [ "$2" = 1 ] && [ "$4" = 1 ] && [ "$6" -ge 2 ]; then
-	ok "backend_threads (before: $2, after a call: $4, with osv5m.threads = 2: $6)"
+# pid, threads, 1, threads, 1, threads, idle ticks, 1, threads
+if [ $# -eq 9 ] && [ "$2" = 1 ] && [ "$4" = 1 ] && [ "$6" = 2 ] && [ "$7" -le 1 ] &&
+	[ "$9" = 1 ]; then
+	ok "backend_threads (before: $2, after a call: $4, with osv5m.threads = 2: $6, CPU ticks of the idle thread in 2 s: $7, back to 1 thread: $9)"
 else
-	fail backend_threads "expected 1, 1, >= 2 threads; got: $(echo $out)"
+	fail backend_threads "expected 1, 1, 2 threads, <= 1 idle tick, 1 thread; got: $(echo $out)"
 fi
 
 # ---- memory_growth ---------------------------------------------------------
