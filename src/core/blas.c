@@ -1,32 +1,19 @@
 /*
- * blas.c: OpenBLAS, loaded with dlopen on first use instead of linked.
+ * blas.c: OpenBLAS, loaded with dlopen on first use instead of linked: the
+ * independent cross-check of our own kernels (gemm.c) in the tests
+ * (test_gemm).  The forward pass never calls it.
  *
- * Why: OpenBLAS starts its worker threads in a library constructor, sized by
- * OPENBLAS_NUM_THREADS or the core count.  Linked into osv5m.so, those threads
- * would start in the postmaster as soon as the library is preloaded, and
- * every backend fork would run OpenBLAS's fork handlers.  Loaded here, in the
- * process that first runs the network and after the caller chose a thread
- * count, no thread exists before it is needed and the postmaster never has
- * one.  The cost is one dlopen (about a millisecond) per process.
+ * Why dlopen: OpenBLAS starts its worker threads in a library constructor;
+ * linked into osv5m.so, those threads would start in the postmaster as soon
+ * as the library is preloaded.  Loaded here, only a test that asks for it
+ * ever has them.
  *
- * The kernel family: OpenBLAS 0.3.21 picks its kernels from the CPU model
- * number and falls back to its AVX2 ("Haswell") kernels on AVX-512 CPUs it
- * does not know, such as recent AMD EPYC, which halves the SGEMM rate.  When
- * the user has not chosen (OPENBLAS_CORETYPE unset) and the CPU and OS
- * support AVX-512, we ask for the SkylakeX kernels, the AVX-512 SGEMM that
- * the newer Intel families (Cooperlake, Sapphire Rapids) use as well.  A
- * second reason: the SkylakeX SGEMM sums every output in the same order
- * whatever the thread count and the row count, so results do not depend
- * on osv5m.threads or on the images batched together (network.c); the
- * Haswell SGEMM's do.  On AMD Zen 4, whose AVX-512 units are half as wide,
- * the Haswell SGEMM is faster all the same, by 8 % on one image's rows and
- * 5 % on a run of 4 images' (test/bench/coretype.sh 1 3 257, 1 3 1028):
- * we keep SkylakeX for results that do not depend on how they were run;
- * OPENBLAS_CORETYPE=Haswell trades that for the speed.
+ * The kernel family: OpenBLAS 0.3.21 falls back to its AVX2 ("Haswell")
+ * kernels on AVX-512 CPUs it does not know; when OPENBLAS_CORETYPE is unset
+ * and the CPU has AVX-512 we ask for its SkylakeX kernels.
  *
- * Invariant: the function pointers are set all together or not at all; the
- * core calls osv_blas_load() before its first matrix product (osv_context_new
- * does), so osv_sgemm never runs with a NULL pointer.
+ * Invariant: the function pointers are set all together or not at all; a
+ * caller runs osv_blas_load() before its first osv_sgemm.
  */
 #include "blas.h"
 

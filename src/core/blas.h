@@ -1,6 +1,6 @@
 /*
- * blas.h: the matrix products of the core, through OpenBLAS loaded on first
- * use (blas.c says why).  Row-major always.
+ * blas.h: OpenBLAS, loaded on first use, as the tests' independent
+ * cross-check of the kernels of gemm.c (blas.c says why).  Row-major always.
  */
 #ifndef OSV5M_BLAS_H
 #define OSV5M_BLAS_H

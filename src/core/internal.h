@@ -49,6 +49,8 @@ osv_status	osv_file_open(const char *path, const char *label, int *fd,
 /* Read a whole file of at most cap bytes; *out is malloc'ed, NUL-terminated. */
 osv_status	osv_file_read(const char *path, const char *label, size_t cap,
 						  uint8_t **out, size_t *len, bool *missing, osv_error *err);
+/* Map a read-only file mapping's pages into this process now (file.c says why). */
+void		osv_map_populate(void *map, size_t size);
 /* Create path anew (whatever had the name is removed) for writing; *fd. */
 osv_status	osv_file_create(const char *path, const char *label, int *fd,
 							osv_error *err);

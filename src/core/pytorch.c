@@ -1141,7 +1141,7 @@ osv_pytorch_open(const char *path, osv_pytorch *out, osv_error *err)
 		return osv_fail(err, OSV_ERR_IO, "could not map \"%s\": %s", path, strerror(e));
 	}
 	close(fd);
-	(void) madvise(map, (size_t) size, MADV_WILLNEED);
+	osv_map_populate(map, (size_t) size);
 	st = osv_pytorch_parse(map, (size_t) size, out, err);
 	if (st != OSV_OK)
 	{

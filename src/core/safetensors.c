@@ -394,8 +394,8 @@ osv_safetensors_open(const char *path, osv_safetensors *out, osv_error *err)
 		return osv_fail(err, OSV_ERR_IO, "could not map \"%s\": %s", path, strerror(e));
 	}
 	close(fd);
-	/* the forward pass reads all of it: start the read-ahead now */
-	(void) madvise(map, (size_t) size, MADV_WILLNEED);
+	/* the forward pass reads all of it: map it all now (file.c) */
+	osv_map_populate(map, (size_t) size);
 
 	st = osv_safetensors_parse(map, (size_t) size, out, err);
 	if (st != OSV_OK)

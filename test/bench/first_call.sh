@@ -10,7 +10,7 @@
 #   postgis    a first geography value (loads PostGIS, as any query using
 #              it does; not osv5m's cost)
 #   library    a first osv5m C function (loads osv5m.so)
-#   first      the first geolocate() (opens the model, loads OpenBLAS,
+#   first      the first geolocate() (opens the model, starts the threads,
 #              allocates the run state, first touch of the weights' pages)
 #   second     the second geolocate() on the same image
 # and overhead = first - second.  The weights are in the page cache (a
