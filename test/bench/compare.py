@@ -224,12 +224,11 @@ def fmt(v, pattern):
 
 
 def blas_coretype():
-    """The OPENBLAS_CORETYPE every contender runs with.
+    """The OPENBLAS_CORETYPE PyTorch and sgemm_rate run with.
 
-    osv5m asks OpenBLAS for its AVX-512 kernels on AVX-512 CPUs that OpenBLAS
-    0.3.21 does not recognise (src/core/blas.c); PyTorch and sgemm_rate load
-    the same OpenBLAS, so they get the same setting, or the comparison would
-    measure kernel choice instead of the code around it.
+    OpenBLAS 0.3.21 falls back to its AVX2 kernels on AVX-512 CPUs it does
+    not recognise; both get its AVX-512 ones there, as src/core/blas.c asks
+    for in the tests.  osv5m itself does not use OpenBLAS.
     """
     if os.environ.get("OPENBLAS_CORETYPE"):
         return os.environ["OPENBLAS_CORETYPE"]
