@@ -51,6 +51,9 @@ osv5m: src/cli/osv5m.o $(CORE_OBJS)
 
 $(CORE_OBJS): src/core/osv5m.h src/core/internal.h src/core/blas.h src/core/gemm.h src/core/pool.h src/core/network.h
 
+# the compiler flags live here: a change rebuilds everything
+$(OBJS) src/cli/osv5m.o: Makefile
+
 install: install-cli
 .PHONY: install-cli
 install-cli: osv5m
