@@ -209,11 +209,11 @@ class Bench:
                         self.worker_samples.extend(sample)
         conn.close()
 
-    def blas_core(self):
-        """The OpenBLAS kernels the server's backends run."""
+    def kernels(self):
+        """The matrix kernels the server's backends run."""
         conn = self.connect()
         with conn.cursor() as cur:
-            cur.execute("SELECT osv5m_model_info()->>'blas_core'")
+            cur.execute("SELECT osv5m_model_info()->>'kernels'")
             core = cur.fetchone()[0]
         conn.close()
         return core
@@ -397,7 +397,7 @@ def main():
     try:
         b = Bench(args, host)
         b.setup(paths)
-        results["server_blas_core"] = b.blas_core()
+        results["server_kernels"] = b.kernels()
         configs = [("update", "UPDATE ... SET loc = geolocate(img)", "1 x %d" % args.threads,
                     b.run_update),
                    ("enrich_1", "CALL osv5m_enrich(workers => 1)", "1 x %d" % args.threads,
@@ -435,8 +435,8 @@ def main():
                             "seconds": times[key], "rows_per_second": rates[key]}
 
         print("osv5m bulk enrichment: %d rows, %d run(s) each, alternated, median; %d cores, "
-              "%d threads in all; server on OpenBLAS's %s kernels"
-              % (args.rows, args.runs, os.cpu_count(), args.threads, results["server_blas_core"]))
+              "%d threads in all; server on its %s kernels"
+              % (args.rows, args.runs, os.cpu_count(), args.threads, results["server_kernels"]))
         print("%-44s %-9s %10s %10s %10s" % ("pipeline", "procs x thr", "rows/s", "vs pytorch",
                                              "vs tuned"))
         for key, label, shape, _ in configs:
