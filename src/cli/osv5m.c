@@ -82,6 +82,7 @@ typedef struct options
 	bool		json;
 	bool		no_fingerprint;
 	const char *out_dir;		/* convert */
+	const char *pack_cache;		/* directory of the pack cache, or NULL */
 } options;
 
 static const char *const usage_text =
@@ -109,7 +110,7 @@ print_usage(FILE *out, const char *command)
 	}
 	if (strcmp(command, "geolocate") == 0)
 		fputs("usage: osv5m geolocate --model DIR [--quadtree CSV] [--top K] [--threads N]\n"
-			  "                       [--max-pixels N] [--batch N] FILE...\n"
+			  "                       [--max-pixels N] [--batch N] [--pack-cache DIR] FILE...\n"
 			  "\n"
 			  "Prints one JSON object per file: file, lat, lon (degrees), cell, probability,\n"
 			  "and with --top K the K most likely cells with their own regressed points.\n"
@@ -121,11 +122,14 @@ print_usage(FILE *out, const char *command)
 			  "  --top K           also print the K most likely cells (default 0: none)\n"
 			  "  --threads N       threads (default: all CPUs)\n"
 			  "  --max-pixels N    refuse images of more than N pixels (default 50000000)\n"
-			  "  --batch N         run the network on N images at a time (default 1)\n",
+			  "  --batch N         run the network on N images at a time (default 1)\n"
+			  "  --pack-cache DIR  read the weights packed for the kernels from DIR (a\n"
+			  "                    directory of this user, writable by no one else),\n"
+			  "                    writing them there first when missing\n",
 			  out);
 	else if (strcmp(command, "embed") == 0)
 		fputs("usage: osv5m embed --model DIR [--quadtree CSV] [--threads N] [--max-pixels N]\n"
-			  "                   FILE...\n"
+			  "                   [--pack-cache DIR] FILE...\n"
 			  "\n"
 			  "Prints one JSON object per file: file and embedding, the image feature (the\n"
 			  "class token of the last transformer block).\n", out);
@@ -143,11 +147,14 @@ print_usage(FILE *out, const char *command)
 			  "quadtree_10_1000.csv: a plain copy that gives bit-identical predictions.\n", out);
 	else if (strcmp(command, "bench") == 0)
 		fputs("usage: osv5m bench --model DIR [--quadtree CSV] [--iters N] [--warmup N]\n"
-			  "                   [--threads N] [--max-pixels N] [--batch N] [--json] FILE...\n"
+			  "                   [--threads N] [--max-pixels N] [--batch N] [--json]\n"
+			  "                   [--pack-cache DIR] FILE...\n"
 			  "\n"
 			  "Runs each file N times (default 3) after W warm-up runs (default 1) and\n"
 			  "prints the median seconds per image of each stage and the GFLOP/s reached.\n"
-			  "With --batch B, the files go through the network B at a time.\n", out);
+			  "With --batch B, the files go through the network B at a time.  With\n"
+			  "--pack-cache DIR, the weights packed for the kernels are read from (and\n"
+			  "first written to) DIR, as osv5m.pack_cache_dir does in the server.\n", out);
 	else
 		fputs(usage_text, out);
 }
@@ -311,6 +318,9 @@ open_model(const options *opt, osv_model **model, osv_context **ctx)
 			fprintf(stderr, "osv5m: %s\n", err.detail);
 		return false;
 	}
+	if (opt->pack_cache != NULL &&
+		osv_model_use_pack_cache(*model, opt->pack_cache, &err) != OSV_OK)
+		fprintf(stderr, "osv5m: not using the pack cache: %s\n", err.message);
 	if (osv_context_new_batch(*model, opt->batch, ctx, &err) != OSV_OK)
 	{
 		fprintf(stderr, "osv5m: %s\n", err.message);
@@ -802,7 +812,7 @@ main(int argc, char **argv)
 	{
 		OPT_MODEL = 256, OPT_QUADTREE, OPT_TOP, OPT_THREADS, OPT_MAX_PIXELS,
 		OPT_ITERS, OPT_WARMUP, OPT_BATCH, OPT_JSON, OPT_HELP, OPT_OUT,
-		OPT_NO_FINGERPRINT
+		OPT_NO_FINGERPRINT, OPT_PACK_CACHE
 	};
 	static const struct option longopts[] = {
 		{"model", required_argument, NULL, OPT_MODEL},
@@ -816,6 +826,7 @@ main(int argc, char **argv)
 		{"json", no_argument, NULL, OPT_JSON},
 		{"out", required_argument, NULL, OPT_OUT},
 		{"no-fingerprint", no_argument, NULL, OPT_NO_FINGERPRINT},
+		{"pack-cache", required_argument, NULL, OPT_PACK_CACHE},
 		{"help", no_argument, NULL, OPT_HELP},
 		{NULL, 0, NULL, 0}
 	};
@@ -875,6 +886,9 @@ main(int argc, char **argv)
 				break;
 			case OPT_QUADTREE:
 				opt.quadtree = arg;
+				break;
+			case OPT_PACK_CACHE:
+				opt.pack_cache = arg;
 				break;
 			case OPT_TOP:
 				if (!geolocate)

@@ -668,7 +668,9 @@ panels_step(void *arg, int ith, int nth)
 	const osv_gemm *g = s->g;
 	int			nr = s->kp->nr;
 	int			panels = (g->n + nr - 1) / nr;
-	float	   *packed_b = osv_pool_scratch(ith);
+	float	   *scratch = osv_pool_scratch(ith);
+	bool		packed = g->b_packed != NULL && g->b_packed_nr == nr;
+	size_t		panel_floats = (size_t) nr * g->k;
 	int			lo,
 				hi;
 
@@ -676,11 +678,46 @@ panels_step(void *arg, int ith, int nth)
 	for (int pnl = lo; pnl < hi; pnl++)
 	{
 		int			n0 = pnl * nr;
+		const float *packed_b = scratch;
+		prefetch	ahead = {NULL, 0};
 
-		s->kp->pack_b(g, n0, packed_b);
-		s->kp->panel(g, s->packed_a, packed_b, n0, g->n - n0 < nr ? g->n - n0 : nr,
-					 pnl + 1 < hi ? next_panel(g, n0 + nr, nr) : (prefetch) {NULL, 0});
+		if (packed)
+		{
+			packed_b = g->b_packed + (size_t) pnl * panel_floats;
+			if (pnl + 1 < hi)
+				ahead = (prefetch) {(const char *) (packed_b + panel_floats),
+				panel_floats * sizeof(float)};
+		}
+		else
+		{
+			s->kp->pack_b(g, n0, scratch);
+			if (pnl + 1 < hi)
+				ahead = next_panel(g, n0 + nr, nr);
+		}
+		s->kp->panel(g, s->packed_a, packed_b, n0, g->n - n0 < nr ? g->n - n0 : nr, ahead);
 	}
+}
+
+int
+osv_gemm_nr(void)
+{
+	return path()->nr;
+}
+
+size_t
+osv_gemm_packed_weight_floats(int n, int k, int nr)
+{
+	return (size_t) ((n + nr - 1) / nr) * nr * (size_t) k;
+}
+
+void
+osv_gemm_pack_weight(const float *w, int n, int k, int nr, float *dst)
+{
+	osv_gemm	g = {.n = n,.k = k,.b = w,.ldb = (size_t) k,.b_is_nk = true};
+
+	/* the same values pack_b gives each panel on the fly: a transposition is exact */
+	for (int n0 = 0; n0 < n; n0 += nr)
+		pack_b(&g, nr, n0, dst + (size_t) n0 * k);
 }
 
 void

@@ -35,6 +35,13 @@ typedef struct osv_gemm
 	size_t		ldc;
 	/* applied in place to each finished stretch of a row of C, or NULL */
 	void		(*post) (float *row, int n);
+	/*
+	 * b (b_is_nk, ldb == k) already packed in panels of b_packed_nr columns
+	 * (osv_gemm_pack_weight), or NULL: used when the kernels' panel width is
+	 * b_packed_nr, instead of packing each panel on the fly.
+	 */
+	const float *b_packed;
+	int			b_packed_nr;
 } osv_gemm;
 
 /* The kernel paths, fastest first; OSV_KERNELS_AUTO picks from the CPU. */
@@ -54,6 +61,15 @@ const char *osv_gemm_kernels_name(void);
  * path unchanged, when this CPU cannot run it.
  */
 bool		osv_gemm_use_kernels(osv_kernels which);
+
+/* The panel width of the kernels in use: what a packed weight must be packed for. */
+int			osv_gemm_nr(void);
+
+/* Floats of a weight [n, k] packed in panels of nr columns (zero-padded). */
+size_t		osv_gemm_packed_weight_floats(int n, int k, int nr);
+
+/* Pack a weight [n, k] (row-major, PyTorch's layout) in panels of nr columns. */
+void		osv_gemm_pack_weight(const float *w, int n, int k, int nr, float *dst);
 
 /* Floats of scratch one thread needs for products with k <= max_k and m <= max_m (serial use). */
 size_t		osv_gemm_scratch_floats(int max_m, int max_k);

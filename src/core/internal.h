@@ -356,7 +356,25 @@ struct osv_model
 	/* storage */
 	osv_weights weights;
 	float	   *converted;		/* F16/BF16 tensors widened to F32, or NULL */
+
+	/*
+	 * The linear weights packed for the kernels, from a pack cache file
+	 * (packcache.c), or packed_nr 0 and packed NULL: [OSV_PACKED_PER_MODEL]
+	 * pointers, the patch embedding, then q, k, v, out, fc1, fc2 of each
+	 * layer, into the read-only mapping packed_map.
+	 */
+	int			packed_nr;
+	const float **packed;
+	void	   *packed_map;
+	size_t		packed_size;
 };
+
+/* Index in model->packed of the patch embedding, and of linear j (0-5: q k v out fc1 fc2) of layer i. */
+#define OSV_PACKED_PATCH 0
+#define OSV_PACKED_LINEAR(i, j) (1 + 6 * (i) + (j))
+
+/* Unmap and forget the model's pack cache (packcache.c), if any. */
+void		osv_model_drop_pack_cache(osv_model *model);
 
 /* ---- the run state (context.c, network.c) ---------------------------- */
 

@@ -1035,6 +1035,7 @@ osv_model_close(osv_model *model)
 	free(model->cells);
 	free(model->cell_norm);
 	free(model->converted);
+	osv_model_drop_pack_cache(model);
 	osv_weights_close(&model->weights);
 	pthread_mutex_destroy(&model->fingerprint_lock);
 	free(model);

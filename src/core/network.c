@@ -384,16 +384,22 @@ matvec(float *y, const float *w, const float *x, const float *bias, int n, int k
 	osv_pool_run(matvec_step_fn, &s);
 }
 
-/* A product with a PyTorch weight [n, k]: C (+)= alpha A W^T + bias, then post. */
+/*
+ * A product with a PyTorch weight [n, k], model->packed[packed] in the
+ * model's pack cache: C (+)= A W^T + bias, then post.
+ */
 static void
 linear(osv_context *ctx, int m, const float *a, size_t lda, const float *w,
-	   int n, int k, const float *bias, bool accumulate, float *c, size_t ldc,
-	   void (*post) (float *, int))
+	   int packed, int n, int k, const float *bias, bool accumulate, float *c,
+	   size_t ldc, void (*post) (float *, int))
 {
+	const osv_model *model = ctx->model;
 	osv_gemm	g = {
 		.m = m,.n = n,.k = k,.a = a,.lda = lda,.b = w,.ldb = (size_t) k,
 		.b_is_nk = true,.alpha = 1.0f,.bias = bias,.accumulate = accumulate,
-		.c = c,.ldc = ldc,.post = post
+		.c = c,.ldc = ldc,.post = post,
+		.b_packed = model->packed != NULL ? model->packed[packed] : NULL,
+		.b_packed_nr = model->packed_nr
 	};
 
 	osv_gemm_run(&g, ctx->packed_a);
@@ -443,7 +449,8 @@ embed(osv_context *ctx, int b)
 	for (int i = 0; i < d; i++)
 		x[i] += model->class_embedding[i];
 	linear(ctx, ctx->tokens - 1, ctx->patches, ctx->patch_dim,
-		   model->patch_embedding, d, ctx->patch_dim, NULL, true, x + d, d, NULL);
+		   model->patch_embedding, OSV_PACKED_PATCH, d, ctx->patch_dim, NULL, true,
+		   x + d, d, NULL);
 }
 
 /*
@@ -520,8 +527,9 @@ attention_step_fn(void *arg, int ith, int nth)
  * leading dimension of T rows instead of one.
  */
 static void
-block_forward(osv_context *ctx, const osv_layer *layer, int images, bool last)
+block_forward(osv_context *ctx, int index, int images, bool last)
 {
+	const osv_layer *layer = &ctx->model->layers[index];
 	const osv_model_info *info = &ctx->model->info;
 	int			t = ctx->tokens;
 	int			d = ctx->hidden;
@@ -536,25 +544,25 @@ block_forward(osv_context *ctx, const osv_layer *layer, int images, bool last)
 	/* attention: x += out_proj(attn(layer_norm1(x))) */
 	layer_norm(ctx->xn, ctx->x, all, d, d, layer->layer_norm1_weight,
 			   layer->layer_norm1_bias, info->layer_norm_eps);
-	linear(ctx, rows, ctx->xn, ld, layer->q_proj_weight, d, d,
-		   layer->q_proj_bias, false, ctx->q, ld, NULL);
-	linear(ctx, all, ctx->xn, d, layer->k_proj_weight, d, d,
-		   layer->k_proj_bias, false, ctx->k, d, NULL);
-	linear(ctx, all, ctx->xn, d, layer->v_proj_weight, d, d,
-		   layer->v_proj_bias, false, ctx->v, d, NULL);
+	linear(ctx, rows, ctx->xn, ld, layer->q_proj_weight, OSV_PACKED_LINEAR(index, 0),
+		   d, d, layer->q_proj_bias, false, ctx->q, ld, NULL);
+	linear(ctx, all, ctx->xn, d, layer->k_proj_weight, OSV_PACKED_LINEAR(index, 1),
+		   d, d, layer->k_proj_bias, false, ctx->k, d, NULL);
+	linear(ctx, all, ctx->xn, d, layer->v_proj_weight, OSV_PACKED_LINEAR(index, 2),
+		   d, d, layer->v_proj_bias, false, ctx->v, d, NULL);
 	att.qstride = ld;
 	osv_pool_run(attention_step_fn, &att);
-	linear(ctx, rows, ctx->attn, ld, layer->out_proj_weight, d, d,
-		   layer->out_proj_bias, true, ctx->x, ld, NULL);
+	linear(ctx, rows, ctx->attn, ld, layer->out_proj_weight, OSV_PACKED_LINEAR(index, 3),
+		   d, d, layer->out_proj_bias, true, ctx->x, ld, NULL);
 
 	/* MLP: x += fc2(act(fc1(layer_norm2(x)))) */
 	layer_norm(ctx->xn, ctx->x, rows, ld, d, layer->layer_norm2_weight,
 			   layer->layer_norm2_bias, info->layer_norm_eps);
-	linear(ctx, rows, ctx->xn, ld, layer->fc1_weight, f, d, layer->fc1_bias,
-		   false, ctx->ffn_buf, ldf,
+	linear(ctx, rows, ctx->xn, ld, layer->fc1_weight, OSV_PACKED_LINEAR(index, 4),
+		   f, d, layer->fc1_bias, false, ctx->ffn_buf, ldf,
 		   info->hidden_act == OSV_ACT_QUICK_GELU ? quick_gelu_row : gelu_row);
-	linear(ctx, rows, ctx->ffn_buf, ldf, layer->fc2_weight, d, f,
-		   layer->fc2_bias, true, ctx->x, ld, NULL);
+	linear(ctx, rows, ctx->ffn_buf, ldf, layer->fc2_weight, OSV_PACKED_LINEAR(index, 5),
+		   d, f, layer->fc2_bias, true, ctx->x, ld, NULL);
 }
 
 /* ---- the MLP branches and the head -------------------------------------- */
@@ -710,7 +718,7 @@ osv_network_forward(osv_context *ctx, int images, const osv_params *params,
 		if (should_abort(params))
 			return osv_fail(err, OSV_ERR_ABORTED,
 							"run aborted before transformer block %d", i);
-		block_forward(ctx, &model->layers[i], images, i == layers - 1);
+		block_forward(ctx, i, images, i == layers - 1);
 	}
 	/* the feature is the class token, without post_layernorm */
 	for (int b = 0; b < images; b++)

@@ -115,6 +115,7 @@ typedef struct osv_model_info
 	char		weights_path[1024];
 	char		quadtree_path[1024];	/* the CSV read; empty when none was */
 	char		config_path[1024];	/* empty when there is no config.json */
+	char		pack_cache_path[1024];	/* the pack cache file in use, or empty */
 } osv_model_info;
 
 typedef struct osv_model osv_model;
@@ -151,6 +152,20 @@ osv_status	osv_model_open(const char *dir, const char *quadtree_path,
 void		osv_model_close(osv_model *model);
 const osv_model_info *osv_model_get_info(const osv_model *model);
 const osv_cell *osv_model_cells(const osv_model *model, int *num_cells);
+
+/*
+ * Use (and first write, when missing or stale) the file in directory dir
+ * that holds the model's linear weights packed for this CPU's kernels, so
+ * that the matrix products read them in place instead of packing them on
+ * every product (packcache.c).  The file is shared by every process
+ * through the page cache.  dir must be a directory owned by this process's
+ * user and writable by no one else; the file is named after the weights
+ * file's identity (device, inode, size, modification and change times),
+ * the layout and the panel width, written under a temporary name and
+ * renamed, and checked on every use.  On an error the model is unchanged
+ * and packs on the fly, as without a cache.
+ */
+osv_status	osv_model_use_pack_cache(osv_model *model, const char *dir, osv_error *err);
 
 /*
  * The SHA-256 of the weights file as 64 hex digits (what sha256sum prints),

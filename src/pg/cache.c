@@ -165,6 +165,15 @@ Load(const char *dir)
 		model = NULL;
 	}
 
+	/* a pack cache that cannot be used only costs speed: warn, go on */
+	if (osv5m_pack_cache_dir != NULL && osv5m_pack_cache_dir[0] != '\0' &&
+		osv_model_use_pack_cache(model, osv5m_pack_cache_dir, &err) != OSV_OK)
+		ereport(WARNING,
+				(errcode(ERRCODE_CONFIG_FILE_ERROR),
+				 errmsg("osv5m.pack_cache_dir is not used: %s", err.message),
+				 errhint("Create the directory as the server's OS user with mode 0700, "
+						 "or set osv5m.pack_cache_dir to ''.")));
+
 	/* the core starts or resizes its threads on the next run */
 	osv_set_threads(osv5m_threads);
 	if (osv_context_new(model, &ctx, &err) != OSV_OK)

@@ -361,6 +361,7 @@ osv5m_model_info(PG_FUNCTION_ARGS)
 	JsonString(&buf, "weights_path", info->weights_path);
 	JsonString(&buf, "quadtree_path", info->quadtree_path);
 	JsonString(&buf, "config_path", info->config_path);
+	JsonString(&buf, "pack_cache_path", info->pack_cache_path);
 	/* which weights file and format, and its SHA-256 (computed once per load) */
 	JsonString(&buf, "weights_format", info->weights_format);
 	JsonString(&buf, "cells_source", info->cells_source);

@@ -17,6 +17,7 @@
 PG_MODULE_MAGIC;
 
 char	   *osv5m_model_path = NULL;
+char	   *osv5m_pack_cache_dir = NULL;
 int			osv5m_threads = 1;
 int			osv5m_max_pixels = (int) OSV_DEFAULT_MAX_PIXELS;
 int			osv5m_images_per_run = 4;
@@ -60,6 +61,25 @@ _PG_init(void)
 							   PGC_SUSET,
 							   0,
 							   CheckModelPath, NULL, NULL);
+
+	/*
+	 * Superuser-only, like the model: the files in this directory are the
+	 * weights the products read.
+	 */
+	DefineCustomStringVariable("osv5m.pack_cache_dir",
+							   "Directory of the weights packed for the matrix kernels.",
+							   "An absolute path to a directory owned by the server's OS user "
+							   "and writable by no one else.  The first backend to load a model "
+							   "writes its weights there packed for this CPU's kernels (about "
+							   "the size of the weights), and every backend then reads them "
+							   "through the page cache: faster inference, no memory per "
+							   "backend.  Empty (the default): the weights are packed on the "
+							   "fly.  Takes effect when a backend loads the model.",
+							   &osv5m_pack_cache_dir,
+							   "",
+							   PGC_SUSET,
+							   0,
+							   NULL, NULL, NULL);
 
 	DefineCustomIntVariable("osv5m.threads",
 							"Number of threads an inference call of this backend uses.",

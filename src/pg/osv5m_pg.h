@@ -18,6 +18,7 @@
 /* ---- settings (init.c) ---------------------------------------------- */
 
 extern char *osv5m_model_path;	/* osv5m.model_path, "" when unset */
+extern char *osv5m_pack_cache_dir;	/* osv5m.pack_cache_dir, "" when unset */
 extern int	osv5m_threads;		/* osv5m.threads */
 extern int	osv5m_max_pixels;	/* osv5m.max_pixels */
 extern int	osv5m_images_per_run;	/* osv5m.images_per_run */

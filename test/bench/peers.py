@@ -6,7 +6,9 @@ and against the CPU's own float32 peak, all in the same run.
 For each thread count (default 1 and 2), run after run (alternating, so that
 drifting load on a shared machine hits every contender alike):
   - osv5m, end to end: `./osv5m bench --json` on generated JPEGs of photo
-    sizes, one image at a time (decode, resize and the whole network);
+    sizes, one image at a time (decode, resize and the whole network),
+    with its pack cache (the weights packed for the kernels once, in a
+    file: osv5m.pack_cache_dir) and without it (packed on the fly);
   - ONNX Runtime 1.20.1 (npm onnxruntime-node, CPU, its own MLAS kernels)
     on the same network exported from the PyTorch reference to ONNX
     (test/bench/onnx_setup.sh), forward pass only (no decoding), batch 1;
@@ -55,6 +57,14 @@ def peak_run(prog, threads):
     return float(compare.last_json(compare.run_cmd([prog, str(threads), "1"]))["gflops"])
 
 
+def osv5m_run(tool, model, threads, files, cache=None):
+    """Seconds per image of `osv5m bench` (median over the files), with the pack cache in cache."""
+    cmd = [tool, "bench", "--json", "--model", model, "--threads", str(threads), "--iters", "1"]
+    if cache:
+        cmd += ["--pack-cache", cache]
+    return compare.last_json(compare.run_cmd(cmd + files))["median_s"]["total"]
+
+
 def onnx_run(onnx, threads, images):
     """Seconds per image of ONNX Runtime's forward pass, batch 1, and its agreement."""
     out = compare.last_json(compare.run_cmd(
@@ -88,6 +98,9 @@ def main():
     try:
         files = compare.make_images(tmp, args.images)
         peak = build_peak(tmp)
+        cache = os.path.join(tmp, "pack-cache")
+        os.mkdir(cache, 0o700)
+        osv5m_run(args.tool, model, 1, files[:1], cache)    # writes the pack cache once
         print("model %s, %.1f GFLOP/image; %d JPEGs of %s" % (
             model, gflop, len(files), ", ".join(os.path.basename(f) for f in files)), flush=True)
         for n in [int(x) for x in args.threads.split(",")]:
@@ -95,38 +108,41 @@ def main():
             if not args.no_torch and n > 1:
                 trial = {s: compare.torch_run(model, s, 1, files[:1]) for s in [(n, 1), (1, n), (n, n)]}
                 best = min(trial, key=trial.get)
-            raw = {"osv5m_s": [], "onnx_s": [], "torch_s": [], "peak_gflops": []}
+            raw = {"osv5m_s": [], "osv5m_nocache_s": [], "onnx_s": [], "torch_s": [],
+                   "peak_gflops": []}
             agree = None
             for r in range(args.runs):
                 raw["peak_gflops"].append(peak_run(peak, n))
-                raw["osv5m_s"].append(compare.osv5m_run(args.tool, model, n, 1, files)[0])
+                raw["osv5m_s"].append(osv5m_run(args.tool, model, n, files, cache))
+                raw["osv5m_nocache_s"].append(osv5m_run(args.tool, model, n, files))
                 s, agree = onnx_run(onnx, n, args.images)
                 raw["onnx_s"].append(s)
                 if not args.no_torch:
                     raw["torch_s"].append(compare.torch_run(model, best, 1, files))
                 raw["peak_gflops"].append(peak_run(peak, n))
-                print("threads %d run %d: osv5m %.3f s/image, onnxruntime %.3f, pytorch %s, "
-                      "peak %.0f-%.0f GFLOP/s" % (
-                          n, r + 1, raw["osv5m_s"][-1], raw["onnx_s"][-1],
+                print("threads %d run %d: osv5m %.3f s/image (%.3f without the pack cache), "
+                      "onnxruntime %.3f, pytorch %s, peak %.0f-%.0f GFLOP/s" % (
+                          n, r + 1, raw["osv5m_s"][-1], raw["osv5m_nocache_s"][-1], raw["onnx_s"][-1],
                           compare.fmt(raw["torch_s"][-1] if raw["torch_s"] else None, "%.3f"),
                           raw["peak_gflops"][-2], raw["peak_gflops"][-1]), flush=True)
             row = {"threads": n, "raw": raw, "onnx_max_rel_diff": agree,
                    "torch_setting": {"intra_op": best[0], "openblas": best[1]}}
-            for key in ("osv5m_s", "onnx_s", "torch_s", "peak_gflops"):
+            for key in ("osv5m_s", "osv5m_nocache_s", "onnx_s", "torch_s", "peak_gflops"):
                 row[key] = compare.median_or_none(raw[key])
             rows.append(row)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
     print()
-    print("| threads | osv5m s/image (end to end) | ONNX Runtime s/image (forward only) | "
+    print("| threads | osv5m s/image (end to end) | without the pack cache | "
+          "ONNX Runtime s/image (forward only) | "
           "PyTorch s/image (end to end) | ONNX Runtime / osv5m | PyTorch / osv5m | "
           "FMA peak GFLOP/s | osv5m of peak | ONNX Runtime of peak |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         o, x, t, p = r["osv5m_s"], r["onnx_s"], r["torch_s"], r["peak_gflops"]
-        print("| %d | %.3f | %.3f | %s | %.2fx | %s | %.0f | %.0f %% | %.0f %% |" % (
-            r["threads"], o, x, compare.fmt(t, "%.3f"), x / o,
+        print("| %d | %.3f | %.3f | %.3f | %s | %.2fx | %s | %.0f | %.0f %% | %.0f %% |" % (
+            r["threads"], o, r["osv5m_nocache_s"], x, compare.fmt(t, "%.3f"), x / o,
             compare.fmt(t / o if t else None, "%.2fx"), p, 100 * gflop / o / p,
             100 * gflop / x / p))
     print("medians of %d runs; a fraction of peak is the model's %.1f GFLOP per image over the "

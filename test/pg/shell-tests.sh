@@ -15,6 +15,8 @@
 #                        own when it computes, none again after
 #                        osv5m.threads = 1, and its idle threads use no CPU
 #                        (their utime + stime over 2 s of pg_sleep)
+#   pack_cache           osv5m.pack_cache_dir gives the same results, reuses
+#                        its file, and warns about a directory others may write
 #   memory_growth        a backend's private memory does not grow over
 #                        10,000 geolocate calls and 1,000 failing ones
 #   cancel_latency       pg_cancel_backend stops an inference within 1 s
@@ -101,6 +103,38 @@ if [ $# -eq 9 ] && [ "$2" = 1 ] && [ "$4" = 1 ] && [ "$6" = 2 ] && [ "$7" -le 1 
 else
 	fail backend_threads "expected 1, 1, 2 threads, <= 1 idle tick, 1 thread; got: $(echo $out)"
 fi
+
+# ---- pack_cache ---------------------------------------------------------------
+# osv5m.pack_cache_dir: a directory of the server's OS user, mode 0700.  A
+# session that loads the model with it writes the packed weights there and
+# returns exactly what a session without it returns; a second session reuses
+# the file; a directory others may write gives a WARNING and the same result.
+pack_dir=$DIR/pack-cache
+rm -rf "$pack_dir"
+mkdir -m 700 "$pack_dir"
+[ "$(id -u)" -eq 0 ] && chown "$OSV_PGUSER_OS:" "$pack_dir"
+plain=$(q -c "SET osv5m.model_path = '$QUICK'" \
+	-c "SELECT ST_AsText(geolocate(pg_read_binary_file('$MID')))")
+packed=$(q -c "SET osv5m.pack_cache_dir = '$pack_dir'" -c "SET osv5m.model_path = '$QUICK'" \
+	-c "SELECT ST_AsText(geolocate(pg_read_binary_file('$MID')))" \
+	-c "SELECT osv5m_model_info()->>'pack_cache_path'")
+file1=$(ls "$pack_dir")
+again=$(q -c "SET osv5m.pack_cache_dir = '$pack_dir'" -c "SET osv5m.model_path = '$QUICK'" \
+	-c "SELECT ST_AsText(geolocate(pg_read_binary_file('$MID')))")
+file2=$(ls -i "$pack_dir")
+chmod 777 "$pack_dir"
+open_dir=$(q -c "SET osv5m.pack_cache_dir = '$pack_dir'" -c "SET osv5m.model_path = '$QUICK'" \
+	-c "SELECT ST_AsText(geolocate(pg_read_binary_file('$MID')))" 2>&1)
+set -- $packed
+if [ -n "$plain" ] && [ "$1 $2" = "$plain" ] && [ "$3" = "$pack_dir/$file1" ] &&
+	[ "$again" = "$plain" ] && [ "$(echo "$file2" | wc -l)" = 1 ] &&
+	echo "$open_dir" | grep -q "WARNING:  osv5m.pack_cache_dir is not used" &&
+	echo "$open_dir" | grep -qF "$plain"; then
+	ok "pack_cache (the same point with and without it: $plain; file $file1 reused; an open directory warned)"
+else
+	fail pack_cache "plain: $plain; packed: $packed; again: $again; files: $file2; open dir: $open_dir"
+fi
+rm -rf "$pack_dir"
 
 # ---- memory_growth ---------------------------------------------------------
 # Private anonymous memory of one backend (smaps_rollup, read by the backend
