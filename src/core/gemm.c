@@ -23,11 +23,13 @@
  * the same fused operation the same way.  That is what makes the SQL
  * functions honestly IMMUTABLE across servers with different CPUs.
  *
- * Weights stay where the loader put them (the read-only mapping of the
- * model file, shared by every backend): a panel of B is packed on the fly,
- * k x NR floats, and then serves all the rows of the product, so packing
- * costs one read of each weight per product (a few percent of one image's
- * time, less for a run of several images) and no memory per backend.
+ * Weights stay shared by every backend: either read from the model's pack
+ * cache (packcache.c: the panels packed once, in a file mapped read-only),
+ * or packed on the fly from the read-only mapping of the model file, one
+ * panel of k x NR floats at a time in the thread's scratch, which then
+ * serves all the rows of the product (a quarter of a one-image inference
+ * on the full model, less for a run of several images; no memory per
+ * backend either way).
  *
  * Compiled without -march: each path's functions carry their own target
  * attribute, so one build runs everywhere and uses what the CPU has.
@@ -71,7 +73,7 @@
 
 /*
  * Computes the columns [n0, n0 + cols) of C from the packed operands, and
- * meanwhile prefetches `ahead` (the weights the next panel will pack).
+ * meanwhile prefetches `ahead` (the next panel's weights, packed or not).
  */
 typedef struct prefetch
 {
