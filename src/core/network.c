@@ -538,7 +538,7 @@ block_forward(osv_context *ctx, int index, int images, bool last)
 	int			rows = last ? images : all; /* active rows */
 	size_t		ld = (size_t) (last ? t : 1) * d;	/* from one active D-wide row to the next */
 	size_t		ldf = (size_t) (last ? t : 1) * f;	/* and F-wide */
-	attention_step att = {ctx, images, last ? 1 : t, (size_t) d,
+	attention_step att = {ctx, images, last ? 1 : t, ld,
 	1.0f / sqrtf((float) ctx->head_dim)};
 
 	/* attention: x += out_proj(attn(layer_norm1(x))) */
@@ -550,7 +550,6 @@ block_forward(osv_context *ctx, int index, int images, bool last)
 		   d, d, layer->k_proj_bias, false, ctx->k, d, NULL);
 	linear(ctx, all, ctx->xn, d, layer->v_proj_weight, OSV_PACKED_LINEAR(index, 2),
 		   d, d, layer->v_proj_bias, false, ctx->v, d, NULL);
-	att.qstride = ld;
 	osv_pool_run(attention_step_fn, &att);
 	linear(ctx, rows, ctx->attn, ld, layer->out_proj_weight, OSV_PACKED_LINEAR(index, 3),
 		   d, d, layer->out_proj_bias, true, ctx->x, ld, NULL);
