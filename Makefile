@@ -60,6 +60,11 @@ install-cli: osv5m
 	$(MKDIR_P) '$(DESTDIR)$(bindir)'
 	$(INSTALL_PROGRAM) osv5m '$(DESTDIR)$(bindir)/osv5m'
 
+# the kernels' own rate at the model's shapes, against the FMA peak (a benchmark)
+build/gemm_rate: test/bench/gemm_rate.c $(CORE_OBJS)
+	@mkdir -p $(dir $@)
+	$(CC) $(CPPFLAGS) -Isrc/core -std=gnu11 -O2 -o $@ $^ $(OSV_LIBS)
+
 # ---- C tests of the core ----------------------------------------------------
 # Built outside PGXS: plain (-O2) and under sanitizers, each in its own folder.
 
