@@ -115,7 +115,8 @@ typedef struct osv_model_info
 	char		weights_path[1024];
 	char		quadtree_path[1024];	/* the CSV read; empty when none was */
 	char		config_path[1024];	/* empty when there is no config.json */
-	char		pack_cache_path[1024];	/* the pack cache file in use, or empty */
+	char		pack_cache_path[1024];	/* the fp32 pack cache file in use, or empty */
+	char		pack_cache_path_bf16[1024]; /* the bf16 one, or empty */
 } osv_model_info;
 
 typedef struct osv_model osv_model;
@@ -124,11 +125,38 @@ typedef struct osv_context osv_context;
 /* Return true to stop the current run with OSV_ERR_ABORTED. */
 typedef bool (*osv_abort_callback) (void *data);
 
+/*
+ * The arithmetic of the matrix products with weights (the patch embedding
+ * and the six linears of each block).  fp32 is the published model's.  In
+ * bf16 the weights and the activations entering those products are
+ * rounded to bfloat16 (to nearest, ties to even) and the products summed in
+ * float32, as AVX512_BF16's vdpbf16ps does, natively where the CPU has it
+ * and emulated bit for bit elsewhere; attention, norms, GELU, softmax,
+ * residuals and the head stay in float32.  bf16 changes the results.
+ */
+typedef enum osv_precision
+{
+	OSV_PRECISION_FP32,
+	OSV_PRECISION_BF16
+} osv_precision;
+
+#define OSV_NUM_PRECISIONS 2
+
+/* "fp32" or "bf16". */
+const char *osv_precision_name(osv_precision precision);
+
+/* The precision a name spells ("fp32", "bf16"); false if none. */
+bool		osv_precision_parse(const char *name, osv_precision *out);
+
+/* Whether this CPU runs the precision's products natively (else emulated). */
+bool		osv_precision_native(osv_precision precision);
+
 typedef struct osv_params
 {
 	uint64_t	max_pixels;		/* decode limit on width x height */
 	osv_abort_callback abort_callback;	/* polled between transformer blocks */
 	void	   *abort_data;
+	osv_precision precision;	/* default OSV_PRECISION_FP32 */
 } osv_params;
 
 osv_params	osv_default_params(void);
@@ -155,7 +183,8 @@ const osv_cell *osv_model_cells(const osv_model *model, int *num_cells);
 
 /*
  * Use (and first write, when missing or stale) the file in directory dir
- * that holds the model's linear weights packed for this CPU's kernels, so
+ * that holds the model's linear weights packed for this CPU's kernels in
+ * the given precision (one file per precision), so
  * that the matrix products read them in place instead of packing them on
  * every product (packcache.c).  The file is shared by every process
  * through the page cache.  dir must be a directory owned by this process's
@@ -165,7 +194,8 @@ const osv_cell *osv_model_cells(const osv_model *model, int *num_cells);
  * renamed, and checked on every use.  On an error the model is unchanged
  * and packs on the fly, as without a cache.
  */
-osv_status	osv_model_use_pack_cache(osv_model *model, const char *dir, osv_error *err);
+osv_status	osv_model_use_pack_cache(osv_model *model, const char *dir,
+									 osv_precision precision, osv_error *err);
 
 /*
  * The SHA-256 of the weights file as 64 hex digits (what sha256sum prints),
