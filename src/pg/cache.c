@@ -11,6 +11,9 @@
  *
  * Invariants:
  *  - cache.model and cache.ctx are both set or both NULL;
+ *  - the pack cache of a precision is tried at most once per loaded model,
+ *    in the directory osv5m.pack_cache_dir named when it was loaded: at
+ *    load for the precision then in force, at the first run of any other;
  *  - the cached model is the one for cache.path, and was opened after
  *    file_ids[] were recorded: a file replaced after that point differs
  *    from its record at the next call, which then reloads;
@@ -106,7 +109,28 @@ Unload(void)
 	if (cache.model != NULL)
 		osv_model_close(cache.model);
 	free(cache.path);
+	free(cache.pack_cache_dir);
 	memset(&cache, 0, sizeof(cache));
+}
+
+/*
+ * Make model read its weights from the pack cache of precision in dir (NULL:
+ * none).  A pack cache that cannot be used only costs speed: warn, go on.
+ */
+static void
+UsePackCache(osv_model *model, const char *dir, osv_precision precision)
+{
+	osv_error	err;
+
+	if (dir == NULL ||
+		osv_model_use_pack_cache(model, dir, precision, &err) == OSV_OK)
+		return;
+	ereport(WARNING,
+			(errcode(ERRCODE_CONFIG_FILE_ERROR),
+			 errmsg("osv5m.pack_cache_dir is not used for osv5m.precision %s: %s",
+					osv_precision_name(precision), err.message),
+			 errhint("Create the directory as the server's OS user with mode 0700, "
+					 "or set osv5m.pack_cache_dir to ''.")));
 }
 
 /* Load the model in dir into the (empty) cache; ERROR on failure. */
@@ -118,6 +142,8 @@ Load(const char *dir)
 	osv_error	err;
 	const osv_model_info *info;
 	char	   *path_copy;
+	char	   *pack_dir_copy;
+	bool		want_pack_cache;
 	instr_time	start,
 				elapsed;
 
@@ -165,30 +191,35 @@ Load(const char *dir)
 		model = NULL;
 	}
 
-	/* a pack cache that cannot be used only costs speed: warn, go on */
-	if (osv5m_pack_cache_dir != NULL && osv5m_pack_cache_dir[0] != '\0' &&
-		osv_model_use_pack_cache(model, osv5m_pack_cache_dir, &err) != OSV_OK)
-		ereport(WARNING,
-				(errcode(ERRCODE_CONFIG_FILE_ERROR),
-				 errmsg("osv5m.pack_cache_dir is not used: %s", err.message),
-				 errhint("Create the directory as the server's OS user with mode 0700, "
-						 "or set osv5m.pack_cache_dir to ''.")));
+	/* the pack cache directory is the one in force when the model loads */
+	want_pack_cache = osv5m_pack_cache_dir != NULL && osv5m_pack_cache_dir[0] != '\0';
+	path_copy = strdup(dir);
+	pack_dir_copy = want_pack_cache ? strdup(osv5m_pack_cache_dir) : NULL;
+	if (path_copy == NULL || (want_pack_cache && pack_dir_copy == NULL))
+	{
+		free(path_copy);
+		free(pack_dir_copy);
+		osv_model_close(model);
+		ereport(ERROR,
+				(errcode(ERRCODE_OUT_OF_MEMORY),
+				 errmsg("out of memory")));
+	}
+
+	/*
+	 * The pack cache of the precision in force now, before the run state
+	 * is allocated, as for a model that never changes precision; another
+	 * precision's is tried at its first run (RunParams).
+	 */
+	UsePackCache(model, pack_dir_copy, (osv_precision) osv5m_precision);
 
 	/* the core starts or resizes its threads on the next run */
 	osv_set_threads(osv5m_threads);
 	if (osv_context_new(model, &ctx, &err) != OSV_OK)
 	{
+		free(path_copy);
+		free(pack_dir_copy);
 		osv_model_close(model);
 		OsvReportError(&err, OSV_STAGE_CONTEXT);
-	}
-	path_copy = strdup(dir);
-	if (path_copy == NULL)
-	{
-		osv_context_free(ctx);
-		osv_model_close(model);
-		ereport(ERROR,
-				(errcode(ERRCODE_OUT_OF_MEMORY),
-				 errmsg("out of memory")));
 	}
 
 	INSTR_TIME_SET_CURRENT(elapsed);
@@ -196,6 +227,8 @@ Load(const char *dir)
 	cache.model = model;
 	cache.ctx = ctx;
 	cache.path = path_copy;
+	cache.pack_cache_dir = pack_dir_copy;
+	cache.pack_cache_tried[osv5m_precision] = true;
 	cache.loaded_at = GetCurrentTimestamp();
 	cache.load_seconds = INSTR_TIME_GET_DOUBLE(elapsed);
 }
@@ -239,15 +272,24 @@ InterruptRequested(void *data)
 		(QueryCancelPending || ProcDiePending);
 }
 
-/* The parameters of a run under the current settings. */
+/*
+ * The parameters of a run of the loaded model under the current settings;
+ * the first run in a precision whose pack cache was not tried yet tries it.
+ */
 static osv_params
-RunParams(void)
+RunParams(OsvLoaded *loaded)
 {
 	osv_params	params = osv_default_params();
 
 	params.max_pixels = (uint64_t) osv5m_max_pixels;
 	params.abort_callback = InterruptRequested;
 	params.abort_data = NULL;
+	params.precision = (osv_precision) osv5m_precision;
+	if (!loaded->pack_cache_tried[params.precision])
+	{
+		loaded->pack_cache_tried[params.precision] = true;
+		UsePackCache(loaded->model, loaded->pack_cache_dir, params.precision);
+	}
 	osv_set_threads(osv5m_threads);	/* a no-op when unchanged */
 	return params;
 }
@@ -272,7 +314,7 @@ OsvLoaded *
 OsvRunImage(const void *data, size_t size)
 {
 	OsvLoaded  *loaded = OsvGetModel();
-	osv_params	params = RunParams();
+	osv_params	params = RunParams(loaded);
 	osv_error	err;
 	osv_status	status;
 
@@ -313,7 +355,7 @@ OsvRunImages(int n, const uint8_t *const data[], const size_t sizes[],
 	osv_status	status;
 
 	EnsureBatchCapacity(loaded, n);
-	params = RunParams();
+	params = RunParams(loaded);
 	status = osv_run_images(loaded->ctx, n, data, sizes, &params, image_errs, &err);
 	if (status != OSV_OK)
 		ReportRunFailure(status, &err);

@@ -22,6 +22,20 @@ int			osv5m_threads = 1;
 int			osv5m_max_pixels = (int) OSV_DEFAULT_MAX_PIXELS;
 int			osv5m_images_per_run = 4;
 int			osv5m_max_workers = 4;
+int			osv5m_precision = OSV_PRECISION_FP32;
+
+/*
+ * The values of osv5m.precision, spelled as the core's osv_precision_name()
+ * spells them (the enum needs its strings at compile time).
+ */
+static const struct config_enum_entry precision_options[] = {
+	{"fp32", OSV_PRECISION_FP32, false},
+	{"bf16", OSV_PRECISION_BF16, false},
+	{NULL, 0, false}
+};
+
+StaticAssertDecl(lengthof(precision_options) == OSV_NUM_PRECISIONS + 1,
+				 "precision_options must list every osv_precision");
 
 void		_PG_init(void);
 
@@ -90,6 +104,26 @@ _PG_init(void)
 							PGC_USERSET,
 							0,
 							NULL, NULL, NULL);
+
+	/*
+	 * Any user, like osv5m.threads: it trades exactness for speed in the
+	 * calls of the session that sets it, and reads no file.  Unlike
+	 * osv5m.threads it changes what the IMMUTABLE functions return, as
+	 * osv5m.model_path does (README, Why IMMUTABLE).
+	 */
+	DefineCustomEnumVariable("osv5m.precision",
+							 "Arithmetic of the matrix products with the model's weights: fp32 or bf16.",
+							 "fp32 (the default) computes the published model in float32.  "
+							 "bf16 rounds the weights and the activations entering the "
+							 "matrix products to bfloat16 and sums in float32: faster, and "
+							 "the results change slightly.  Natively on CPUs with "
+							 "AVX512_BF16, emulated bit for bit elsewhere (then slower).",
+							 &osv5m_precision,
+							 OSV_PRECISION_FP32,
+							 precision_options,
+							 PGC_USERSET,
+							 0,
+							 NULL, NULL, NULL);
 
 	/*
 	 * Superuser-only: decoding needs 3 bytes per pixel before the image is

@@ -23,6 +23,7 @@ extern int	osv5m_threads;		/* osv5m.threads */
 extern int	osv5m_max_pixels;	/* osv5m.max_pixels */
 extern int	osv5m_images_per_run;	/* osv5m.images_per_run */
 extern int	osv5m_max_workers;	/* osv5m.max_workers */
+extern int	osv5m_precision;	/* osv5m.precision, an osv_precision */
 
 /* ---- the per-backend model cache (cache.c) ------------------------- */
 
@@ -42,6 +43,10 @@ typedef struct OsvLoaded
 	char	   *path;			/* osv5m.model_path it was loaded for (malloc'ed) */
 	TimestampTz loaded_at;
 	double		load_seconds;
+	/* osv5m.pack_cache_dir when it was loaded (malloc'ed), NULL when unset */
+	char	   *pack_cache_dir;
+	/* whether the pack cache of each osv_precision was tried for this model */
+	bool		pack_cache_tried[OSV_NUM_PRECISIONS];
 } OsvLoaded;
 
 /* The model for the current osv5m.model_path, (re)loaded if needed. */
