@@ -345,7 +345,8 @@ JsonFloatArray(StringInfo buf, const char *key, const float *values, int n)
 
 /*
  * osv5m_model_info() RETURNS jsonb: what this backend loaded, from where,
- * how long it took, and the kernels it runs on.  Loads the model if needed.
+ * how long it took, the kernels it runs on and in which precision.  Loads
+ * the model if needed.
  */
 Datum
 osv5m_model_info(PG_FUNCTION_ARGS)
@@ -362,6 +363,7 @@ osv5m_model_info(PG_FUNCTION_ARGS)
 	JsonString(&buf, "quadtree_path", info->quadtree_path);
 	JsonString(&buf, "config_path", info->config_path);
 	JsonString(&buf, "pack_cache_path", info->pack_cache_path);
+	JsonString(&buf, "pack_cache_path_bf16", info->pack_cache_path_bf16);
 	/* which weights file and format, and its SHA-256 (computed once per load) */
 	JsonString(&buf, "weights_format", info->weights_format);
 	JsonString(&buf, "cells_source", info->cells_source);
@@ -416,6 +418,19 @@ osv5m_model_info(PG_FUNCTION_ARGS)
 	JsonString(&buf, "kernels", osv_kernels_name());
 	JsonKey(&buf, "threads");
 	appendStringInfo(&buf, "%d", osv_threads());
+	/* the precision of this backend's next call, and which this CPU runs natively */
+	JsonString(&buf, "precision", osv_precision_name((osv_precision) osv5m_precision));
+	JsonKey(&buf, "precisions_native");
+	appendStringInfoChar(&buf, '{');
+	for (int p = 0; p < OSV_NUM_PRECISIONS; p++)
+	{
+		if (p > 0)
+			appendStringInfoString(&buf, ", ");
+		escape_json(&buf, osv_precision_name((osv_precision) p));
+		appendStringInfoString(&buf, osv_precision_native((osv_precision) p) ?
+							   ": true" : ": false");
+	}
+	appendStringInfoChar(&buf, '}');
 	JsonKey(&buf, "backend_pid");
 	appendStringInfo(&buf, "%d", MyProcPid);
 	appendStringInfoChar(&buf, '}');
