@@ -9,7 +9,8 @@
 
 EXTENSION = osv5m
 MODULE_big = osv5m
-DATA = osv5m--0.1.0.sql osv5m--0.1.0--0.2.0.sql osv5m--0.2.0--0.3.0.sql
+DATA = osv5m--0.1.0.sql osv5m--0.1.0--0.2.0.sql osv5m--0.2.0--0.3.0.sql \
+	osv5m--0.3.0--0.4.0.sql
 PGFILEDESC = "osv5m - photo geolocation with the OSV-5M baseline model"
 
 CORE_SRCS = $(sort $(wildcard src/core/*.c))

@@ -4,7 +4,9 @@
  * osv5m_enrich(..., workers => N) (osv5m--0.1.0.sql) registers the run in
  * osv5m_jobs, commits, and calls osv5m_enrich_launch() to start N dynamic
  * background workers.  Worker w (1..N) connects to the caller's database as
- * the caller's user, takes the caller's osv5m.* settings, and calls the SQL
+ * the caller's user, takes the caller's osv5m.* settings and the run's
+ * osv5m.precision as osv5m_jobs records them (osv5m_enrich_worker_setup),
+ * whatever its own role or database sets, and calls the SQL
  * function osv5m_enrich_batch(job, w, N) in a loop, one transaction per
  * batch, until a batch finds nothing left in its share of the rows; then
  * osv5m_enrich_batch(job, w, 1), which takes any row no process holds,

@@ -31,6 +31,7 @@
 PG_FUNCTION_INFO_V1(osv5m_geolocate_point);
 PG_FUNCTION_INFO_V1(osv5m_geolocate_batch);
 PG_FUNCTION_INFO_V1(osv5m_enrich_images_per_run);
+PG_FUNCTION_INFO_V1(osv5m_enrich_precision);
 PG_FUNCTION_INFO_V1(osv5m_geolocate_topk_raw);
 PG_FUNCTION_INFO_V1(geolocate_embedding);
 PG_FUNCTION_INFO_V1(osv5m_cells_raw);
@@ -175,6 +176,17 @@ Datum
 osv5m_enrich_images_per_run(PG_FUNCTION_ARGS)
 {
 	PG_RETURN_INT32(osv5m_images_per_run);
+}
+
+/*
+ * osv5m_enrich_precision() RETURNS text: osv5m.precision, for the same
+ * reason (it is the default of osv5m_jobs.precision, read before any
+ * inference).
+ */
+Datum
+osv5m_enrich_precision(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_TEXT_P(cstring_to_text(osv_precision_name((osv_precision) osv5m_precision)));
 }
 
 /*
