@@ -37,9 +37,10 @@ FROM osv5m_cells();
 SELECT count(*) > 0 AS some_predictions_inside_a_cell
 FROM photos p JOIN osv5m_cells() c ON ST_Covers(c.bounds, p.loc);
 
--- What was loaded (times and pid vary, so only their presence is shown).
+-- What was loaded (times, pid and what the CPU runs natively vary, so
+-- only their presence is shown).
 SELECT key, CASE WHEN key IN ('loaded_at', 'load_ms', 'backend_pid', 'last_call_ms',
-							  'kernels', 'file_size')
+							  'kernels', 'file_size', 'precisions_native')
 			THEN jsonb_typeof(value) ELSE value::text END AS value
 FROM jsonb_each(osv5m_model_info())
 WHERE key NOT LIKE '%path'
