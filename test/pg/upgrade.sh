@@ -1,6 +1,6 @@
 #!/bin/bash
 # upgrade.sh: ALTER EXTENSION osv5m UPDATE from an earlier version (the first
-# released one, 0.1.0, or UPGRADE_FROM=0.2.0)
+# released one, 0.1.0, or UPGRADE_FROM=0.2.0 or 0.3.0)
 # to the installed default version keeps the user's data, and the
 # new version works on it.
 #
@@ -30,7 +30,10 @@
 # data: geolocate() equals every stored location, geolocate_topk() and
 # osv5m_cells() answer, and a new osv5m_enrich run on new NULL rows of the
 # same table locates them, records the new bad row, and leaves the rows
-# 0.1.0 recorded as bad alone.
+# 0.1.0 recorded as bad alone.  Since 0.4.0 a run records its
+# osv5m.precision: the runs made before the update say fp32 (what they ran
+# in), in osv5m_jobs and osv5m_progress, and a new run in bf16 says bf16
+# and writes what geolocate() gives in bf16.
 # Fails at once, saying so, when no version newer than 0.1.0 is installed.
 # Prints "ok - NAME" / "FAIL - NAME: why" and ends with
 # "upgrade: N passed, N failed".
@@ -194,6 +197,17 @@ for k in locations shots more errors jobs job_workers progress; do
 	fi
 done
 
+# ---- the precision of the runs (0.4.0) -------------------------------------------
+old_jobs=$(wc -l <"$DIR/before/jobs")
+out=$(q -F ' ' -c "SELECT (SELECT count(*) FILTER (WHERE precision = 'fp32') FROM osv5m_jobs),
+	(SELECT count(*) FILTER (WHERE precision = 'fp32') FROM osv5m_progress),
+	(SELECT count(*) FROM osv5m_jobs)" 2>&1)
+if [ "$out" = "$old_jobs $old_jobs $old_jobs" ]; then
+	ok "precision of the old runs (all $old_jobs fp32, in osv5m_jobs and osv5m_progress)"
+else
+	fail "precision of the old runs" "expected '$old_jobs $old_jobs $old_jobs' (fp32 in osv5m_jobs, in osv5m_progress, jobs), got: $out"
+fi
+
 # ---- the new version on the old data ------------------------------------------
 out=$(q -F ' ' -c "SELECT count(*), count(*) FILTER (WHERE ST_AsEWKB(geolocate(img)::geometry) = ST_AsEWKB(loc::geometry))
 	FROM photos WHERE loc IS NOT NULL" 2>&1)
@@ -235,9 +249,30 @@ fi
 q -c "${SNAP[errors]}" >"$DIR/errors.new" 2>&1
 if head -n "$(wc -l <"$DIR/before/errors")" "$DIR/errors.new" | diff -q - "$DIR/before/errors" >/dev/null &&
 	[ "$(q -c "SELECT count(loc) FROM photos WHERE id > 1000 AND id < 2000")" = 0 ]; then
-	ok "old errors kept by the new run (the rows 0.1.0 recorded as bad were not retried)"
+	ok "old errors kept by the new run (the rows $OLD recorded as bad were not retried)"
 else
 	fail "old errors kept by the new run" "the errors recorded by $OLD changed: $(diff "$DIR/before/errors" "$DIR/errors.new" | head -n 6 | tr '\n' ' ')"
+fi
+
+# a run in bf16 after the update: recorded as such, its rows (2 background
+# workers) what geolocate() gives in bf16
+out=$(q -F ' ' 2>&1 <<EOF
+SET client_min_messages = warning;
+INSERT INTO photos (id, name, img)
+SELECT 3000 + id, 'bf16 ' || name, img FROM photos WHERE id <= 5;
+SET osv5m.precision = 'bf16';
+CALL osv5m_enrich('photos', 'img', 'loc', batch_size => 2, workers => 2);
+SELECT (SELECT precision FROM osv5m_jobs ORDER BY job_id DESC LIMIT 1),
+       (SELECT precision FROM osv5m_progress ORDER BY job_id DESC LIMIT 1),
+       count(loc),
+       count(*) FILTER (WHERE ST_AsEWKB(geolocate(img)::geometry) = ST_AsEWKB(loc::geometry))
+  FROM photos WHERE id BETWEEN 3001 AND 3005;
+EOF
+)
+if [ "$(echo $out)" = "bf16 bf16 $want_new $want_new" ]; then
+	ok "enrich $default in bf16 (recorded as bf16; $want_new rows as geolocate() gives them in bf16)"
+else
+	fail "enrich $default in bf16" "expected 'bf16 bf16 $want_new $want_new', got: $(echo $out)"
 fi
 
 if out=$(sh test/pg/hostile_log.sh "$DIR/server.log" 2>&1); then
