@@ -126,6 +126,7 @@ SELECT count(*) AS progress_seen FROM osv5m_progress;
 -- nor changeable: what a run re-reads is fixed, other rows are invisible
 UPDATE osv5m_jobs SET tbl = 'sec_bait' WHERE status = 'running';
 UPDATE osv5m_jobs SET settings = '{"search_path": "evil, pg_catalog"}';
+UPDATE osv5m_jobs SET precision = 'bf16';
 UPDATE osv5m_jobs SET status = 'failed' WHERE job_id = :su_job;
 DELETE FROM osv5m_jobs WHERE job_id = :su_job;
 DELETE FROM osv5m_errors;
