@@ -17,6 +17,15 @@
 #                        (their utime + stime over 2 s of pg_sleep)
 #   pack_cache           osv5m.pack_cache_dir gives the same results, reuses
 #                        its file, and warns about a directory others may write
+#   pack_cache_bf16      osv5m.precision = 'bf16' has a pack cache file of its
+#                        own, written when a backend that loaded the model in
+#                        fp32 first runs bf16, reused by a backend that loads
+#                        it in bf16, with the results of no pack cache; an
+#                        unusable directory warns once per precision
+#   enrich_precision     an osv5m_enrich run records the caller's
+#                        osv5m.precision, and its background workers compute
+#                        in it whatever their database sets: each row equals
+#                        geolocate() of its image in that precision
 #   memory_growth        a backend's private memory does not grow over
 #                        10,000 geolocate calls and 1,000 failing ones
 #   cancel_latency       pg_cancel_backend stops an inference within 1 s
@@ -135,6 +144,111 @@ else
 	fail pack_cache "plain: $plain; packed: $packed; again: $again; files: $file2; open dir: $open_dir"
 fi
 rm -rf "$pack_dir"
+
+# ---- pack_cache_bf16 ------------------------------------------------------------
+# One backend loads the model in fp32, then runs bf16: the bf16 file is
+# written at that first bf16 run.  A second backend loads the model in
+# bf16: it reuses that file (same inode, no new file).  Each precision's
+# points are those of a backend without a pack cache, bit for bit (EWKB).
+# A directory others may write: one WARNING per precision, however many
+# calls.
+pack_dir=$DIR/pack-cache-bf16
+rm -rf "$pack_dir"
+mkdir -m 700 "$pack_dir"
+[ "$(id -u)" -eq 0 ] && chown "$OSV_PGUSER_OS:" "$pack_dir"
+point="encode(ST_AsEWKB(geolocate(pg_read_binary_file('$MID'))::geometry), 'hex')"
+plain=$(q -c "SET osv5m.model_path = '$QUICK'" -c "SELECT $point" \
+	-c "SET osv5m.precision = 'bf16'" -c "SELECT $point")
+first=$(q -c "SET osv5m.pack_cache_dir = '$pack_dir'" -c "SET osv5m.model_path = '$QUICK'" \
+	-c "SELECT $point" \
+	-c "SELECT coalesce(osv5m_model_info()->>'pack_cache_path_bf16', 'none')" \
+	-c "SET osv5m.precision = 'bf16'" -c "SELECT $point" \
+	-c "SELECT osv5m_model_info()->>'pack_cache_path'" \
+	-c "SELECT osv5m_model_info()->>'pack_cache_path_bf16'")
+files1=$(cd "$pack_dir" && ls -i | sort)
+second=$(q -c "SET osv5m.pack_cache_dir = '$pack_dir'" -c "SET osv5m.model_path = '$QUICK'" \
+	-c "SET osv5m.precision = 'bf16'" -c "SELECT $point" \
+	-c "SELECT osv5m_model_info()->>'pack_cache_path_bf16'" \
+	-c "SELECT coalesce(osv5m_model_info()->>'pack_cache_path', 'none')")
+files2=$(cd "$pack_dir" && ls -i | sort)
+chmod 777 "$pack_dir"
+open_dir=$(q -c "SET osv5m.pack_cache_dir = '$pack_dir'" -c "SET osv5m.model_path = '$QUICK'" \
+	-c "SELECT $point" -c "SET osv5m.precision = 'bf16'" -c "SELECT $point" \
+	-c "SELECT $point" -c "RESET osv5m.precision" -c "SELECT $point" 2>&1)
+warnings=$(echo "$open_dir" | grep -c "WARNING:  osv5m.pack_cache_dir is not used")
+set -- $plain
+plain_fp32=${1:-} plain_bf16=${2:-}
+set -- $first
+# fp32 point, no bf16 file yet, bf16 point, the fp32 file, the bf16 file
+if [ -n "$plain_fp32" ] && [ "$plain_fp32" != "$plain_bf16" ] && [ $# -eq 5 ] &&
+	[ "$1" = "$plain_fp32" ] && [ "$2" = none ] && [ "$3" = "$plain_bf16" ] &&
+	[ "$(dirname "$4")" = "$pack_dir" ] && [ "$(dirname "$5")" = "$pack_dir" ] && [ "$4" != "$5" ] &&
+	[ "$(echo "$files1" | wc -l)" = 2 ] && [ "$files2" = "$files1" ] &&
+	[ "$second" = "$(printf '%s\n%s\nnone' "$plain_bf16" "$5")" ] &&
+	[ "$warnings" = 2 ] && echo "$open_dir" | grep -q "for osv5m.precision fp32" &&
+	echo "$open_dir" | grep -q "for osv5m.precision bf16"; then
+	ok "pack_cache_bf16 (files $(basename "$4") and $(basename "$5"); the bf16 one written at the first bf16 run, reused by a backend that loaded in bf16; points as without it; an open directory warned once per precision)"
+else
+	fail pack_cache_bf16 "plain: $plain; first backend: $(echo $first); files: $(echo $files1); second backend: $(echo $second); files after: $(echo $files2); warnings: $warnings: $open_dir"
+fi
+rm -rf "$pack_dir"
+
+# ---- enrich_precision ------------------------------------------------------------
+# Two runs with 2 background workers and several images per run, on a
+# table whose rows are test images twice over: one with the session in
+# bf16 while the database's setting (which the workers start with) is
+# fp32, one the other way round.  Each run records its precision, both
+# workers do rows, and every row equals geolocate() of its image in the
+# run's precision, bit for bit; the bf16 run's rows are not all fp32's.
+out=$(q 2>&1 <<EOF
+SET client_min_messages = warning;
+SET osv5m.model_path = '$GELU';
+CREATE TABLE enrich_precision (id int PRIMARY KEY, img bytea, loc geography);
+INSERT INTO enrich_precision
+SELECT row_number() OVER (), pg_read_binary_file('$IMAGES/' || f)
+FROM pg_ls_dir('$IMAGES') AS f, generate_series(1, 2)
+WHERE f ~ '^(jpeg_[0-9]|jpeg_q30|jpeg_rgb|png_rgb8|png_gray8)';
+CREATE FUNCTION pg_temp.check_run(want text) RETURNS text LANGUAGE plpgsql AS \$\$
+DECLARE
+	job bigint;
+	r text;
+BEGIN
+	SELECT max(job_id) INTO job FROM osv5m_jobs WHERE tbl = 'enrich_precision'::regclass;
+	PERFORM set_config('osv5m.precision', want, false);
+	SELECT concat_ws(' ', (SELECT precision FROM osv5m_jobs WHERE job_id = job),
+			(SELECT count(*) FROM osv5m_job_workers w WHERE w.job_id = job AND w.worker > 0 AND w.rows_done > 0),
+			count(*), count(loc),
+			count(*) FILTER (WHERE ST_AsEWKB(loc::geometry) = ST_AsEWKB(geolocate(img)::geometry)))
+	  INTO r FROM enrich_precision;
+	PERFORM set_config('osv5m.precision', 'fp32', false);
+	RETURN r || ' ' || (SELECT count(*) FILTER (WHERE ST_AsEWKB(loc::geometry) <> ST_AsEWKB(geolocate(img)::geometry))
+						FROM enrich_precision);
+END \$\$;
+ALTER DATABASE $DB SET osv5m.precision = 'fp32';
+SET osv5m.precision = 'bf16';
+CALL osv5m_enrich('enrich_precision', 'img', 'loc', batch_size => 4, workers => 2);
+SELECT pg_temp.check_run('bf16');
+UPDATE enrich_precision SET loc = NULL;
+ALTER DATABASE $DB SET osv5m.precision = 'bf16';
+SET osv5m.precision = 'fp32';
+CALL osv5m_enrich('enrich_precision', 'img', 'loc', batch_size => 4, workers => 2);
+SELECT pg_temp.check_run('fp32');
+ALTER DATABASE $DB RESET osv5m.precision;
+DROP TABLE enrich_precision;
+EOF
+)
+set -- $out
+# per run: precision, workers that did rows, rows, located, equal in the
+# run's precision, differing from fp32
+if [ $# -eq 12 ] && [ "$1" = bf16 ] && [ "$2" = 2 ] && [ "$3" -ge 20 ] && [ "$4" = "$3" ] &&
+	[ "$5" = "$3" ] && [ "$6" -gt 0 ] &&
+	[ "$7" = fp32 ] && [ "$8" = 2 ] && [ "$9" = "$3" ] && [ "${10}" = "$3" ] &&
+	[ "${11}" = "$3" ] && [ "${12}" = 0 ]; then
+	ok "enrich_precision (bf16 run with the database in fp32: $5 of $3 rows equal geolocate() in bf16, $6 differ from fp32; fp32 run with the database in bf16: ${11} of $9 equal geolocate() in fp32; both workers did rows each time)"
+else
+	fail enrich_precision "bf16 run: precision, workers with rows, rows, located, equal, differing from fp32; then the fp32 run: $(echo $out)"
+	q -c "ALTER DATABASE $DB RESET osv5m.precision" -c "DROP TABLE IF EXISTS enrich_precision" >/dev/null 2>&1
+fi
 
 # ---- memory_growth ---------------------------------------------------------
 # Private anonymous memory of one backend (smaps_rollup, read by the backend
