@@ -319,7 +319,7 @@ open_model(const options *opt, osv_model **model, osv_context **ctx)
 		return false;
 	}
 	if (opt->pack_cache != NULL &&
-		osv_model_use_pack_cache(*model, opt->pack_cache, &err) != OSV_OK)
+		osv_model_use_pack_cache(*model, opt->pack_cache, OSV_PRECISION_FP32, &err) != OSV_OK)
 		fprintf(stderr, "osv5m: not using the pack cache: %s\n", err.message);
 	if (osv_context_new_batch(*model, opt->batch, ctx, &err) != OSV_OK)
 	{
