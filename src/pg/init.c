@@ -115,9 +115,10 @@ _PG_init(void)
 							 "Arithmetic of the matrix products with the model's weights: fp32 or bf16.",
 							 "fp32 (the default) computes the published model in float32.  "
 							 "bf16 rounds the weights and the activations entering the "
-							 "matrix products to bfloat16 and sums in float32: faster, and "
-							 "the results change slightly.  Natively on CPUs with "
-							 "AVX512_BF16, emulated bit for bit elsewhere (then slower).",
+							 "matrix products to bfloat16 and sums in float32: faster on "
+							 "CPUs with AVX512_BF16, and the results change slightly.  "
+							 "Other CPUs emulate bf16 bit for bit: the same results, no "
+							 "faster than fp32.",
 							 &osv5m_precision,
 							 OSV_PRECISION_FP32,
 							 precision_options,
