@@ -430,16 +430,21 @@ osv5m_model_info(PG_FUNCTION_ARGS)
 	JsonString(&buf, "kernels", osv_kernels_name());
 	JsonKey(&buf, "threads");
 	appendStringInfo(&buf, "%d", osv_threads());
-	/* the precision of this backend's next call, and which this CPU runs natively */
+	/*
+	 * The precision of this backend's next call, and which of those the
+	 * setting offers this CPU runs natively.
+	 */
 	JsonString(&buf, "precision", osv_precision_name((osv_precision) osv5m_precision));
 	JsonKey(&buf, "precisions_native");
 	appendStringInfoChar(&buf, '{');
-	for (int p = 0; p < OSV_NUM_PRECISIONS; p++)
+	for (const struct config_enum_entry *option = osv5m_precision_options;
+		 option->name != NULL; option++)
 	{
-		if (p > 0)
+		Assert(strcmp(option->name, osv_precision_name((osv_precision) option->val)) == 0);
+		if (option != osv5m_precision_options)
 			appendStringInfoString(&buf, ", ");
-		escape_json(&buf, osv_precision_name((osv_precision) p));
-		appendStringInfoString(&buf, osv_precision_native((osv_precision) p) ?
+		escape_json(&buf, option->name);
+		appendStringInfoString(&buf, osv_precision_native((osv_precision) option->val) ?
 							   ": true" : ": false");
 	}
 	appendStringInfoChar(&buf, '}');

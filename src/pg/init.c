@@ -26,16 +26,15 @@ int			osv5m_precision = OSV_PRECISION_FP32;
 
 /*
  * The values of osv5m.precision, spelled as the core's osv_precision_name()
- * spells them (the enum needs its strings at compile time).
+ * spells them (the enum needs its strings at compile time).  The setting
+ * offers a precision of the core only once the glue reports and records it
+ * (osv5m_model_info, osv5m_jobs.precision).
  */
-static const struct config_enum_entry precision_options[] = {
+const struct config_enum_entry osv5m_precision_options[] = {
 	{"fp32", OSV_PRECISION_FP32, false},
 	{"bf16", OSV_PRECISION_BF16, false},
 	{NULL, 0, false}
 };
-
-StaticAssertDecl(lengthof(precision_options) == OSV_NUM_PRECISIONS + 1,
-				 "precision_options must list every osv_precision");
 
 void		_PG_init(void);
 
@@ -121,7 +120,7 @@ _PG_init(void)
 							 "faster than fp32.",
 							 &osv5m_precision,
 							 OSV_PRECISION_FP32,
-							 precision_options,
+							 osv5m_precision_options,
 							 PGC_USERSET,
 							 0,
 							 NULL, NULL, NULL);

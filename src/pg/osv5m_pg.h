@@ -13,6 +13,7 @@
 #include "postgres.h"
 
 #include "osv5m.h"
+#include "utils/guc.h"
 #include "utils/timestamp.h"
 
 /* ---- settings (init.c) ---------------------------------------------- */
@@ -24,6 +25,7 @@ extern int	osv5m_max_pixels;	/* osv5m.max_pixels */
 extern int	osv5m_images_per_run;	/* osv5m.images_per_run */
 extern int	osv5m_max_workers;	/* osv5m.max_workers */
 extern int	osv5m_precision;	/* osv5m.precision, an osv_precision */
+extern const struct config_enum_entry osv5m_precision_options[];	/* its values */
 
 /* ---- the per-backend model cache (cache.c) ------------------------- */
 
