@@ -38,6 +38,7 @@
 
 #include "pool.h"
 
+#include <float.h>
 #include <math.h>
 #include <string.h>
 
@@ -87,6 +88,12 @@ typedef void (*panel_fn) (const osv_gemm *g, const float *packed_a, const float 
 typedef void (*pack_a_fn) (const osv_gemm *g, int lo, int hi, float *dst);
 typedef void (*pack_b_fn) (const osv_gemm *g, int n0, float *dst);
 
+/* The native bf16 counterparts: A and B packed in pairs of bf16 ([k/2][MR or NR][2]). */
+typedef void (*pack_a16_fn) (const osv_gemm *g, int lo, int hi, uint16_t *dst);
+typedef void (*pack_b16_fn) (const osv_gemm *g, int n0, uint16_t *dst);
+typedef void (*panel16_fn) (const osv_gemm *g, const uint16_t *packed_a, const uint16_t *packed_b,
+							int n0, int cols, prefetch ahead);
+
 typedef struct kernel_path
 {
 	const char *name;
@@ -95,6 +102,10 @@ typedef struct kernel_path
 	pack_a_fn	pack_a;			/* blocks [lo, hi) of A */
 	pack_b_fn	pack_b;
 	panel_fn	panel;
+	/* native bf16 products, or NULL: emulated with the float32 kernels */
+	pack_a16_fn pack_a16;
+	pack_b16_fn pack_b16;
+	panel16_fn	panel16;
 } kernel_path;
 
 /* ---- packing ------------------------------------------------------------- */
@@ -156,6 +167,116 @@ pack_b(const osv_gemm *g, int nr, int n0, float *dst)
 	}
 }
 
+/* ---- bfloat16 -------------------------------------------------------------- */
+
+uint16_t
+osv_bf16_round(float x)
+{
+	union
+	{
+		float		f;
+		uint32_t	u;
+	}			v = {x};
+
+	if ((v.u & 0x7f800000u) == 0)	/* zero or subnormal: a zero of its sign */
+		return (uint16_t) ((v.u >> 16) & 0x8000u);
+	if ((v.u & 0x7fffffffu) > 0x7f800000u)	/* NaN: keep it one, quiet */
+		return (uint16_t) ((v.u >> 16) | 0x0040u);
+	return (uint16_t) ((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
+}
+
+/* x rounded to bfloat16, as a float. */
+static inline float
+bf16_value(float x)
+{
+	return osv_bf16_to_float(osv_bf16_round(x));
+}
+
+/*
+ * Turn rows of a float32 packing ([k][width], as pack_a and pack_b lay them
+ * out) into the emulation's operand: every value rounded to bf16, and the
+ * rows of each pair of k swapped, so that the float32 chain adds the odd
+ * term of a pair before the even one, as vdpbf16ps does.  A last unpaired
+ * row stays last (its partner, a zero, adds nothing).
+ */
+static void
+bf16_emulation_rows(float *rows, int k, int width)
+{
+	int			p = 0;
+
+	for (; p + 1 < k; p += 2)
+	{
+		float	   *even = rows + (size_t) p * width;
+		float	   *odd = even + width;
+
+		for (int j = 0; j < width; j++)
+		{
+			float		e = bf16_value(even[j]);
+
+			even[j] = bf16_value(odd[j]);
+			odd[j] = e;
+		}
+	}
+	for (; p < k; p++)
+		for (int j = 0; j < width; j++)
+			rows[(size_t) p * width + j] = bf16_value(rows[(size_t) p * width + j]);
+}
+
+/* A float32 panel [k][nr] for the emulation, from a bf16 packed panel [k/2][nr][2]. */
+static void
+bf16_unpack_panel(const uint16_t *src, int k, int nr, float *dst)
+{
+	for (int p = 0; p < k; p++)
+	{
+		/* row p of the emulation holds k index p ^ 1 (the odd one of a pair first) */
+		int			q = (p ^ 1) < k ? (p ^ 1) : p;
+		const uint16_t *s = src + (size_t) (q / 2) * nr * 2 + (q & 1);
+
+		for (int j = 0; j < nr; j++)
+			dst[(size_t) p * nr + j] = osv_bf16_to_float(s[(size_t) j * 2]);
+	}
+}
+
+/* Blocks [lo, hi) of mr rows of A as bf16 pairs, [ceil(k/2)][mr][2] each, zero-padded. */
+static void
+pack_a16(const osv_gemm *g, int mr, int lo, int hi, uint16_t *dst)
+{
+	size_t		kp = (size_t) (g->k + 1) / 2;
+
+	for (int blk = lo; blk < hi; blk++)
+	{
+		uint16_t   *out = dst + (size_t) blk * mr * kp * 2;
+
+		for (int i = 0; i < mr; i++)
+		{
+			int			row = blk * mr + i;
+			const float *src = g->a + (size_t) row * g->lda;
+
+			for (int p = 0; p < (int) kp * 2; p++)
+				out[((size_t) (p / 2) * mr + i) * 2 + (p & 1)] =
+					row < g->m && p < g->k ? osv_bf16_round(src[p]) : 0;
+		}
+	}
+}
+
+/* Columns [n0, n0 + nr) of B as bf16 pairs, [ceil(k/2)][nr][2], zero-padded. */
+static void
+pack_b16(const osv_gemm *g, int nr, int n0, uint16_t *dst)
+{
+	size_t		kp = (size_t) (g->k + 1) / 2;
+
+	for (int j = 0; j < nr; j++)
+		for (int p = 0; p < (int) kp * 2; p++)
+		{
+			float		v = 0.0f;
+
+			if (n0 + j < g->n && p < g->k)
+				v = g->b_is_nk ? g->b[(size_t) (n0 + j) * g->ldb + p]
+					: g->b[(size_t) p * g->ldb + n0 + j];
+			dst[((size_t) (p / 2) * nr + j) * 2 + (p & 1)] = osv_bf16_round(v);
+		}
+}
+
 /*
  * Part `part` of `parts` of the prefetch into L2: spread over a panel's
  * tiles, so that reading the next panel's weights from memory overlaps
@@ -184,8 +305,13 @@ tile_portable(const osv_gemm *g, int mr, int i0, const float *a, const float *b,
 	for (int p = 0; p < g->k; p++)
 		for (int i = 0; i < mr; i++)
 			for (int j = 0; j < NR_PORTABLE; j++)
+			{
 				acc[i][j] = fmaf(a[(size_t) p * MR_PORTABLE + i],
 								 b[(size_t) p * NR_PORTABLE + j], acc[i][j]);
+				/* the bf16 emulation: a subnormal sum is flushed, as vdpbf16ps does */
+				if (g->bf16 && fabsf(acc[i][j]) < FLT_MIN)
+					acc[i][j] = copysignf(0.0f, acc[i][j]);
+			}
 	for (int i = 0; i < mr; i++)
 	{
 		float	   *row = g->c + (size_t) (i0 + i) * g->ldc + n0;
@@ -231,36 +357,18 @@ panel_portable(const osv_gemm *g, const float *packed_a, const float *packed_b,
  * One tile of MR rows (a constant after inlining, so that the accumulators
  * live in registers) at row i0, columns [n0, n0 + cols), cols <= 32.
  */
+/*
+ * The epilogue of a tile of mr rows at row i0, columns [n0, n0 + cols):
+ * alpha, bias, the accumulated value and post, in gemm.h's order.
+ */
 static inline __attribute__((always_inline)) AVX512_TARGET void
-tile_avx512(const osv_gemm *g, const int mr, int i0, const float *a,
-			const float *b, int n0, int cols)
+store_tile_avx512(const osv_gemm *g, const int mr, int i0, int n0, int cols,
+				  const __m512 *c0, const __m512 *c1)
 {
-	__m512		c0[MR_AVX512],
-				c1[MR_AVX512];
 	__mmask16	mask0 = cols >= 16 ? 0xffff : (__mmask16) ((1u << cols) - 1);
 	__mmask16	mask1 = cols >= 32 ? 0xffff : (cols > 16 ? (__mmask16) ((1u << (cols - 16)) - 1) : 0);
 	__m512		alpha = _mm512_set1_ps(g->alpha);
 
-#pragma GCC unroll 14
-	for (int i = 0; i < mr; i++)
-	{
-		c0[i] = _mm512_setzero_ps();
-		c1[i] = _mm512_setzero_ps();
-	}
-	for (int p = 0; p < g->k; p++)
-	{
-		__m512		b0 = _mm512_load_ps(b + (size_t) p * NR_AVX512);
-		__m512		b1 = _mm512_load_ps(b + (size_t) p * NR_AVX512 + 16);
-
-#pragma GCC unroll 14
-		for (int i = 0; i < mr; i++)
-		{
-			__m512		av = _mm512_set1_ps(a[(size_t) p * MR_AVX512 + i]);
-
-			c0[i] = _mm512_fmadd_ps(av, b0, c0[i]);
-			c1[i] = _mm512_fmadd_ps(av, b1, c1[i]);
-		}
-	}
 #pragma GCC unroll 14
 	for (int i = 0; i < mr; i++)
 	{
@@ -288,6 +396,40 @@ tile_avx512(const osv_gemm *g, const int mr, int i0, const float *a,
 		if (g->post != NULL)
 			g->post(row, cols);
 	}
+}
+
+/*
+ * One tile of MR rows (a constant after inlining, so that the accumulators
+ * live in registers) at row i0, columns [n0, n0 + cols), cols <= 32.
+ */
+static inline __attribute__((always_inline)) AVX512_TARGET void
+tile_avx512(const osv_gemm *g, const int mr, int i0, const float *a,
+			const float *b, int n0, int cols)
+{
+	__m512		c0[MR_AVX512],
+				c1[MR_AVX512];
+
+#pragma GCC unroll 14
+	for (int i = 0; i < mr; i++)
+	{
+		c0[i] = _mm512_setzero_ps();
+		c1[i] = _mm512_setzero_ps();
+	}
+	for (int p = 0; p < g->k; p++)
+	{
+		__m512		b0 = _mm512_load_ps(b + (size_t) p * NR_AVX512);
+		__m512		b1 = _mm512_load_ps(b + (size_t) p * NR_AVX512 + 16);
+
+#pragma GCC unroll 14
+		for (int i = 0; i < mr; i++)
+		{
+			__m512		av = _mm512_set1_ps(a[(size_t) p * MR_AVX512 + i]);
+
+			c0[i] = _mm512_fmadd_ps(av, b0, c0[i]);
+			c1[i] = _mm512_fmadd_ps(av, b1, c1[i]);
+		}
+	}
+	store_tile_avx512(g, mr, i0, n0, cols, c0, c1);
 }
 
 /*
@@ -401,6 +543,159 @@ panel_avx512(const osv_gemm *g, const float *packed_a, const float *packed_b,
 	switch (g->m - i0)
 	{
 #define REST(r) case r: tile_avx512(g, r, i0, packed_a, packed_b, n0, cols); break
+			REST(1);
+			REST(2);
+			REST(3);
+			REST(4);
+			REST(5);
+			REST(6);
+			REST(7);
+			REST(8);
+			REST(9);
+			REST(10);
+			REST(11);
+			REST(12);
+			REST(13);
+#undef REST
+	}
+}
+
+/* ---- the AVX-512 path's native bf16 products ------------------------------ */
+
+#define AVX512BF16_TARGET __attribute__((target("avx512f,avx512bf16,fma")))
+
+/* 16 floats rounded to bf16 as osv_bf16_round does, in 16 bits each. */
+static inline __attribute__((always_inline)) AVX512_TARGET __m256i
+bf16_round16(__m512 x)
+{
+	__m512i		u = _mm512_castps_si512(x);
+	__m512i		exponent = _mm512_set1_epi32(0x7f800000);
+	__mmask16	tiny = _mm512_testn_epi32_mask(u, exponent);
+	__mmask16	nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+											  exponent);
+	__m512i		lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+	__m512i		r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+
+	r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x00400000)));
+	r = _mm512_mask_mov_epi32(r, tiny, _mm512_and_si512(u, _mm512_set1_epi32((int) 0x80000000u)));
+	return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+}
+
+/*
+ * rows (<= 16) rows of 32 floats at src (stride lds) as 16 bf16 pairs each,
+ * transposed: dst[q * ldd + j] = the pair q of row j, for q < 16.
+ */
+static inline __attribute__((always_inline)) AVX512_TARGET void
+pairs_transposed(const float *src, size_t lds, int rows, uint16_t *dst, size_t ldd,
+				 __mmask16 keep)
+{
+	uint32_t	words[16 * 16] __attribute__((aligned(64)));
+
+	for (int j = 0; j < rows; j++)
+	{
+		const float *row = src + (size_t) j * lds;
+		__m256i		lo = bf16_round16(_mm512_loadu_ps(row));
+		__m256i		hi = bf16_round16(_mm512_loadu_ps(row + 16));
+
+		_mm512_store_si512(words + j * 16, _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
+	}
+	/* the transposition moves 32-bit words: any bits, read and written as floats */
+	transpose_avx512((const float *) words, 16, rows, (float *) dst, ldd, keep);
+}
+
+/* pack_a16 for MR = 14: full blocks 32 values of k at a time, the rest as pack_a16 does. */
+static AVX512_TARGET void
+pack_a16_avx512(const osv_gemm *g, int lo, int hi, uint16_t *dst)
+{
+	size_t		kp = (size_t) (g->k + 1) / 2;
+
+	for (int blk = lo; blk < hi; blk++)
+	{
+		uint16_t   *out = dst + (size_t) blk * MR_AVX512 * kp * 2;
+		const float *src = g->a + (size_t) blk * MR_AVX512 * g->lda;
+		int			p = 0;
+
+		if ((blk + 1) * MR_AVX512 > g->m || g->k % 32 != 0)
+		{
+			pack_a16(g, MR_AVX512, blk, blk + 1, dst);
+			continue;
+		}
+		for (; p < g->k; p += 32)
+			pairs_transposed(src + p, g->lda, MR_AVX512, out + (size_t) p / 2 * MR_AVX512 * 2,
+							 MR_AVX512, (1 << MR_AVX512) - 1);
+	}
+}
+
+/* pack_b16 for NR = 32: full weight panels 32 values of k at a time. */
+static AVX512_TARGET void
+pack_b16_avx512(const osv_gemm *g, int n0, uint16_t *dst)
+{
+	if (!g->b_is_nk || g->n - n0 < NR_AVX512 || g->k % 32 != 0)
+	{
+		pack_b16(g, NR_AVX512, n0, dst);
+		return;
+	}
+	for (int j = 0; j < NR_AVX512; j += 16)
+		for (int p = 0; p < g->k; p += 32)
+			pairs_transposed(g->b + (size_t) (n0 + j) * g->ldb + p, g->ldb, 16,
+							 dst + ((size_t) p / 2 * NR_AVX512 + j) * 2, NR_AVX512, 0xffff);
+}
+
+/* One tile of bf16 products: tile_avx512 with vdpbf16ps over the pairs of k. */
+static inline __attribute__((always_inline)) AVX512BF16_TARGET void
+tile_bf16(const osv_gemm *g, const int mr, int i0, const uint16_t *a,
+		  const uint16_t *b, int n0, int cols)
+{
+	__m512		c0[MR_AVX512],
+				c1[MR_AVX512];
+	int			kp = (g->k + 1) / 2;
+
+#pragma GCC unroll 14
+	for (int i = 0; i < mr; i++)
+	{
+		c0[i] = _mm512_setzero_ps();
+		c1[i] = _mm512_setzero_ps();
+	}
+	for (int q = 0; q < kp; q++)
+	{
+		__m512bh	b0 = (__m512bh) _mm512_load_si512(b + (size_t) q * NR_AVX512 * 2);
+		__m512bh	b1 = (__m512bh) _mm512_load_si512(b + (size_t) q * NR_AVX512 * 2 + 32);
+
+#pragma GCC unroll 14
+		for (int i = 0; i < mr; i++)
+		{
+			int32_t		pair;
+			__m512bh	av;
+
+			memcpy(&pair, a + ((size_t) q * MR_AVX512 + i) * 2, sizeof(pair));
+			av = (__m512bh) _mm512_set1_epi32(pair);
+			c0[i] = _mm512_dpbf16_ps(c0[i], av, b0);
+			c1[i] = _mm512_dpbf16_ps(c1[i], av, b1);
+		}
+	}
+	store_tile_avx512(g, mr, i0, n0, cols, c0, c1);
+}
+
+static AVX512BF16_TARGET void
+panel_bf16(const osv_gemm *g, const uint16_t *packed_a, const uint16_t *packed_b,
+		   int n0, int cols, prefetch ahead)
+{
+	int			i0 = 0;
+	int			tiles = (g->m + MR_AVX512 - 1) / MR_AVX512;
+	size_t		block = (size_t) MR_AVX512 * ((g->k + 1) / 2) * 2;	/* uint16 per block of A */
+
+	for (; i0 + MR_AVX512 <= g->m; i0 += MR_AVX512)
+	{
+		prefetch_part(ahead, i0 / MR_AVX512, tiles);
+		tile_bf16(g, MR_AVX512, i0, packed_a + (size_t) (i0 / MR_AVX512) * block, packed_b, n0, cols);
+	}
+	if (i0 == g->m)
+		return;
+	prefetch_part(ahead, tiles - 1, tiles);
+	packed_a += (size_t) (i0 / MR_AVX512) * block;
+	switch (g->m - i0)
+	{
+#define REST(r) case r: tile_bf16(g, r, i0, packed_a, packed_b, n0, cols); break
 			REST(1);
 			REST(2);
 			REST(3);
@@ -535,7 +830,7 @@ pack_b_portable(const osv_gemm *g, int n0, float *dst)
 }
 
 static const kernel_path path_portable = {"portable", MR_PORTABLE, NR_PORTABLE, pack_a_portable,
-pack_b_portable, panel_portable};
+pack_b_portable, panel_portable, NULL, NULL, NULL};
 #ifdef HAVE_X86_KERNELS
 static void
 pack_a_avx2(const osv_gemm *g, int lo, int hi, float *dst)
@@ -549,9 +844,12 @@ pack_b_avx2(const osv_gemm *g, int n0, float *dst)
 	pack_b(g, NR_AVX2, n0, dst);
 }
 
+static const kernel_path path_avx512_bf16 = {"avx512_bf16", MR_AVX512, NR_AVX512, pack_a_avx512,
+pack_b_avx512, panel_avx512, pack_a16_avx512, pack_b16_avx512, panel_bf16};
 static const kernel_path path_avx512 = {"avx512", MR_AVX512, NR_AVX512, pack_a_avx512,
-pack_b_avx512, panel_avx512};
-static const kernel_path path_avx2 = {"avx2", MR_AVX2, NR_AVX2, pack_a_avx2, pack_b_avx2, panel_avx2};
+pack_b_avx512, panel_avx512, NULL, NULL, NULL};
+static const kernel_path path_avx2 = {"avx2", MR_AVX2, NR_AVX2, pack_a_avx2, pack_b_avx2, panel_avx2,
+NULL, NULL, NULL};
 #endif
 
 static const kernel_path *current;
@@ -562,6 +860,9 @@ cpu_runs(osv_kernels which)
 #ifdef HAVE_X86_KERNELS
 	/* __builtin_cpu_supports also checks that the OS saves the registers */
 	__builtin_cpu_init();
+	if (which == OSV_KERNELS_AVX512_BF16)
+		return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma") &&
+			__builtin_cpu_supports("avx512bf16");
 	if (which == OSV_KERNELS_AVX512)
 		return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
 	if (which == OSV_KERNELS_AVX2)
@@ -581,7 +882,9 @@ osv_gemm_use_kernels(osv_kernels which)
 	if (!cpu_runs(which))
 		return false;
 #ifdef HAVE_X86_KERNELS
-	if (which == OSV_KERNELS_AVX512)
+	if (which == OSV_KERNELS_AVX512_BF16)
+		current = &path_avx512_bf16;
+	else if (which == OSV_KERNELS_AVX512)
 		current = &path_avx512;
 	else if (which == OSV_KERNELS_AVX2)
 		current = &path_avx2;
@@ -596,7 +899,8 @@ path(void)
 {
 	if (current == NULL)
 	{
-		if (!osv_gemm_use_kernels(OSV_KERNELS_AVX512) &&
+		if (!osv_gemm_use_kernels(OSV_KERNELS_AVX512_BF16) &&
+			!osv_gemm_use_kernels(OSV_KERNELS_AVX512) &&
 			!osv_gemm_use_kernels(OSV_KERNELS_AVX2))
 			osv_gemm_use_kernels(OSV_KERNELS_PORTABLE);
 	}
@@ -651,6 +955,28 @@ typedef struct run_step
 	float	   *packed_a;
 } run_step;
 
+/* Whether g runs on the native bf16 kernels (else float32 or the emulation). */
+static bool
+native_bf16(const osv_gemm *g, const kernel_path *kp)
+{
+	return g->bf16 && kp->panel16 != NULL;
+}
+
+/* Blocks [lo, hi) of A, packed for the kernels that will read them. */
+static void
+pack_a_blocks(const osv_gemm *g, const kernel_path *kp, int lo, int hi, float *packed_a)
+{
+	if (native_bf16(g, kp))
+	{
+		kp->pack_a16(g, lo, hi, (uint16_t *) packed_a);
+		return;
+	}
+	kp->pack_a(g, lo, hi, packed_a);
+	if (g->bf16)
+		for (int blk = lo; blk < hi; blk++)
+			bf16_emulation_rows(packed_a + (size_t) blk * kp->mr * g->k, g->k, kp->mr);
+}
+
 static void
 pack_a_step(void *arg, int ith, int nth)
 {
@@ -660,44 +986,124 @@ pack_a_step(void *arg, int ith, int nth)
 				hi;
 
 	osv_split(blocks, ith, nth, &lo, &hi);
-	s->kp->pack_a(s->g, lo, hi, s->packed_a);
+	pack_a_blocks(s->g, s->kp, lo, hi, s->packed_a);
+}
+
+/*
+ * The bf16 emulation's flush of subnormal sums to zero, on x86 through the
+ * MXCSR (the float32 kernels' FMAs then flush as vdpbf16ps does); the
+ * portable kernel flushes by itself.  Returns the state to restore.
+ */
+static unsigned
+flush_to_zero_begin(const osv_gemm *g)
+{
+#if defined(__x86_64__) || defined(__i386__)
+	unsigned	csr = __builtin_ia32_stmxcsr();
+
+	if (g->bf16)
+		__builtin_ia32_ldmxcsr(csr | 0x8000);	/* FTZ */
+	return csr;
+#else
+	(void) g;
+	return 0;
+#endif
+}
+
+static void
+flush_to_zero_end(unsigned csr)
+{
+#if defined(__x86_64__) || defined(__i386__)
+	__builtin_ia32_ldmxcsr(csr);
+#else
+	(void) csr;
+#endif
+}
+
+/*
+ * Panel pnl of B, packed for the kernels, either in place (a pack cache of
+ * the right width and precision) or into scratch; *ahead is set to what
+ * the following panel will read.
+ */
+static const void *
+panel_of_b(const osv_gemm *g, const kernel_path *kp, int pnl, bool has_next, float *scratch,
+		   prefetch *ahead)
+{
+	int			nr = kp->nr;
+	int			n0 = pnl * nr;
+	size_t		panel_floats = (size_t) nr * g->k;
+	size_t		panel_halves = (size_t) nr * ((g->k + 1) / 2) * 2;
+
+	*ahead = (prefetch) {NULL, 0};
+	if (!g->bf16)
+	{
+		if (g->b_packed != NULL && g->b_packed_nr == nr)
+		{
+			const float *packed_b = g->b_packed + (size_t) pnl * panel_floats;
+
+			if (has_next)
+				*ahead = (prefetch) {(const char *) (packed_b + panel_floats),
+				panel_floats * sizeof(float)};
+			return packed_b;
+		}
+		kp->pack_b(g, n0, scratch);
+	}
+	else if (g->b_packed16 != NULL && g->b_packed16_nr == nr)
+	{
+		const uint16_t *packed_b = g->b_packed16 + (size_t) pnl * panel_halves;
+
+		if (has_next)
+			*ahead = (prefetch) {(const char *) (packed_b + panel_halves),
+			panel_halves * sizeof(uint16_t)};
+		if (native_bf16(g, kp))
+			return packed_b;
+		bf16_unpack_panel(packed_b, g->k, nr, scratch);
+		return scratch;
+	}
+	else if (native_bf16(g, kp))
+		kp->pack_b16(g, n0, (uint16_t *) scratch);
+	else
+	{
+		kp->pack_b(g, n0, scratch);
+		bf16_emulation_rows(scratch, g->k, nr);
+	}
+	if (has_next)
+		*ahead = next_panel(g, n0 + nr, nr);
+	return scratch;
+}
+
+/* Panels [lo, hi) of C, with the thread's scratch. */
+static void
+run_panels(const osv_gemm *g, const kernel_path *kp, const float *packed_a, int lo, int hi,
+		   float *scratch)
+{
+	int			nr = kp->nr;
+	unsigned	csr = flush_to_zero_begin(g);
+
+	for (int pnl = lo; pnl < hi; pnl++)
+	{
+		int			n0 = pnl * nr;
+		int			cols = g->n - n0 < nr ? g->n - n0 : nr;
+		prefetch	ahead;
+		const void *packed_b = panel_of_b(g, kp, pnl, pnl + 1 < hi, scratch, &ahead);
+
+		if (native_bf16(g, kp))
+			kp->panel16(g, (const uint16_t *) packed_a, packed_b, n0, cols, ahead);
+		else
+			kp->panel(g, packed_a, packed_b, n0, cols, ahead);
+	}
+	flush_to_zero_end(csr);
 }
 
 static void
 panels_step(void *arg, int ith, int nth)
 {
 	run_step   *s = arg;
-	const osv_gemm *g = s->g;
-	int			nr = s->kp->nr;
-	int			panels = (g->n + nr - 1) / nr;
-	float	   *scratch = osv_pool_scratch(ith);
-	bool		packed = g->b_packed != NULL && g->b_packed_nr == nr;
-	size_t		panel_floats = (size_t) nr * g->k;
+	int			panels = (s->g->n + s->kp->nr - 1) / s->kp->nr;
 	int			lo,
 				hi;
 
 	osv_split(panels, ith, nth, &lo, &hi);
-	for (int pnl = lo; pnl < hi; pnl++)
-	{
-		int			n0 = pnl * nr;
-		const float *packed_b = scratch;
-		prefetch	ahead = {NULL, 0};
-
-		if (packed)
-		{
-			packed_b = g->b_packed + (size_t) pnl * panel_floats;
-			if (pnl + 1 < hi)
-				ahead = (prefetch) {(const char *) (packed_b + panel_floats),
-				panel_floats * sizeof(float)};
-		}
-		else
-		{
-			s->kp->pack_b(g, n0, scratch);
-			if (pnl + 1 < hi)
-				ahead = next_panel(g, n0 + nr, nr);
-		}
-		s->kp->panel(g, s->packed_a, packed_b, n0, g->n - n0 < nr ? g->n - n0 : nr, ahead);
-	}
+	run_panels(s->g, s->kp, s->packed_a, lo, hi, osv_pool_scratch(ith));
 }
 
 int
@@ -722,6 +1128,22 @@ osv_gemm_pack_weight(const float *w, int n, int k, int nr, float *dst)
 		pack_b(&g, nr, n0, dst + (size_t) n0 * k);
 }
 
+size_t
+osv_gemm_packed_weight_halves(int n, int k, int nr)
+{
+	return (size_t) ((n + nr - 1) / nr) * nr * ((size_t) (k + 1) / 2 * 2);
+}
+
+void
+osv_gemm_pack_weight_bf16(const float *w, int n, int k, int nr, uint16_t *dst)
+{
+	osv_gemm	g = {.n = n,.k = k,.b = w,.ldb = (size_t) k,.b_is_nk = true};
+
+	/* the same values pack_b16 gives each panel on the fly */
+	for (int n0 = 0; n0 < n; n0 += nr)
+		pack_b16(&g, nr, n0, dst + (size_t) n0 * ((k + 1) / 2 * 2));
+}
+
 void
 osv_gemm_run(const osv_gemm *g, float *packed_a)
 {
@@ -735,20 +1157,38 @@ void
 osv_gemm_serial(const osv_gemm *g, float *scratch)
 {
 	const kernel_path *kp = path();
-	float	   *packed_b = scratch;
 	float	   *packed_a = scratch + round_up((size_t) g->k * NR_MAX, 16);
 
-	kp->pack_a(g, 0, (g->m + kp->mr - 1) / kp->mr, packed_a);
-	for (int n0 = 0; n0 < g->n; n0 += kp->nr)
-	{
-		kp->pack_b(g, n0, packed_b);
-		kp->panel(g, packed_a, packed_b, n0, g->n - n0 < kp->nr ? g->n - n0 : kp->nr,
-				  (prefetch) {NULL, 0});
-	}
+	pack_a_blocks(g, kp, 0, (g->m + kp->mr - 1) / kp->mr, packed_a);
+	run_panels(g, kp, packed_a, 0, (g->n + kp->nr - 1) / kp->nr, scratch);
 }
 
 const char *
 osv_kernels_name(void)
 {
 	return osv_gemm_kernels_name();
+}
+
+const char *
+osv_precision_name(osv_precision precision)
+{
+	return precision == OSV_PRECISION_BF16 ? "bf16" : "fp32";
+}
+
+bool
+osv_precision_parse(const char *name, osv_precision *out)
+{
+	if (name != NULL && strcmp(name, "fp32") == 0)
+		*out = OSV_PRECISION_FP32;
+	else if (name != NULL && strcmp(name, "bf16") == 0)
+		*out = OSV_PRECISION_BF16;
+	else
+		return false;
+	return true;
+}
+
+bool
+osv_precision_native(osv_precision precision)
+{
+	return precision == OSV_PRECISION_FP32 || path()->panel16 != NULL;
 }

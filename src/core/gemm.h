@@ -42,18 +42,37 @@ typedef struct osv_gemm
 	 */
 	const float *b_packed;
 	int			b_packed_nr;
+
+	/*
+	 * bf16: A and B rounded to bfloat16 (osv_bf16_round) and each output's
+	 * sum taken as AVX512_BF16's vdpbf16ps takes it: over the pairs of k
+	 * (0, 1), (2, 3), ... in order, per pair the odd term first, then the
+	 * even one, each added to the float32 sum exactly and rounded to
+	 * nearest, a subnormal sum flushed to zero.  That instruction does it
+	 * natively; every other path emulates it bit for bit with the float32
+	 * kernels (the values already rounded, k swapped within pairs, the
+	 * CPU's flush-to-zero set).  The epilogue is float32's.
+	 */
+	bool		bf16;
+	/*
+	 * For bf16, b (b_is_nk, ldb == k) already rounded and packed in panels of
+	 * b_packed16_nr columns (osv_gemm_pack_weight_bf16), or NULL.
+	 */
+	const uint16_t *b_packed16;
+	int			b_packed16_nr;
 } osv_gemm;
 
 /* The kernel paths, fastest first; OSV_KERNELS_AUTO picks from the CPU. */
 typedef enum osv_kernels
 {
 	OSV_KERNELS_AUTO,
+	OSV_KERNELS_AVX512_BF16,	/* the AVX-512 path plus native bf16 products */
 	OSV_KERNELS_AVX512,
 	OSV_KERNELS_AVX2,
 	OSV_KERNELS_PORTABLE
 } osv_kernels;
 
-/* The path the products take now ("avx512", "avx2" or "portable"). */
+/* The path the products take now ("avx512_bf16", "avx512", "avx2" or "portable"). */
 const char *osv_gemm_kernels_name(void);
 
 /*
@@ -70,6 +89,35 @@ size_t		osv_gemm_packed_weight_floats(int n, int k, int nr);
 
 /* Pack a weight [n, k] (row-major, PyTorch's layout) in panels of nr columns. */
 void		osv_gemm_pack_weight(const float *w, int n, int k, int nr, float *dst);
+
+/*
+ * x rounded to bfloat16, as vcvtneps2bf16 does: to nearest, ties to even;
+ * a subnormal becomes a zero of its sign; a NaN stays a (quiet) NaN.
+ */
+uint16_t	osv_bf16_round(float x);
+
+/* The float32 value of a bfloat16. */
+static inline float
+osv_bf16_to_float(uint16_t h)
+{
+	union
+	{
+		uint32_t	u;
+		float		f;
+	}			v = {(uint32_t) h << 16};
+
+	return v.f;
+}
+
+/* uint16 values of a weight [n, k] packed in bf16 pairs in panels of nr columns. */
+size_t		osv_gemm_packed_weight_halves(int n, int k, int nr);
+
+/*
+ * Pack a weight [n, k] in bf16 for panels of nr columns: panel by panel,
+ * [ceil(k / 2)][nr][2] (the pair of k values of each column side by side,
+ * zero-padded), as vdpbf16ps reads them.
+ */
+void		osv_gemm_pack_weight_bf16(const float *w, int n, int k, int nr, uint16_t *dst);
 
 /* Floats of scratch one thread needs for products with k <= max_k and m <= max_m (serial use). */
 size_t		osv_gemm_scratch_floats(int max_m, int max_k);

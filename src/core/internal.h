@@ -322,6 +322,20 @@ typedef struct osv_branch
 
 #define OSV_GROUPNORM_GROUPS 4
 
+/*
+ * A model's weights packed for the kernels in one precision, from a pack
+ * cache file, or nr 0 and matrices NULL: matrices holds the patch
+ * embedding, then q, k, v, out, fc1, fc2 of each layer (float for fp32,
+ * uint16_t bf16 pairs for bf16), pointers into the read-only mapping map.
+ */
+typedef struct osv_pack_cache
+{
+	int			nr;
+	const void **matrices;
+	void	   *map;
+	size_t		size;
+} osv_pack_cache;
+
 struct osv_model
 {
 	osv_model_info info;
@@ -357,19 +371,11 @@ struct osv_model
 	osv_weights weights;
 	float	   *converted;		/* F16/BF16 tensors widened to F32, or NULL */
 
-	/*
-	 * The linear weights packed for the kernels, from a pack cache file
-	 * (packcache.c), or packed_nr 0 and packed NULL: [OSV_PACKED_PER_MODEL]
-	 * pointers, the patch embedding, then q, k, v, out, fc1, fc2 of each
-	 * layer, into the read-only mapping packed_map.
-	 */
-	int			packed_nr;
-	const float **packed;
-	void	   *packed_map;
-	size_t		packed_size;
+	/* The linear weights packed for the kernels, per precision (packcache.c). */
+	osv_pack_cache packs[OSV_NUM_PRECISIONS];
 };
 
-/* Index in model->packed of the patch embedding, and of linear j (0-5: q k v out fc1 fc2) of layer i. */
+/* Index in a pack cache's matrices of the patch embedding, and of linear j (0-5: q k v out fc1 fc2) of layer i. */
 #define OSV_PACKED_PATCH 0
 #define OSV_PACKED_LINEAR(i, j) (1 + 6 * (i) + (j))
 

@@ -385,8 +385,8 @@ matvec(float *y, const float *w, const float *x, const float *bias, int n, int k
 }
 
 /*
- * A product with a PyTorch weight [n, k], model->packed[packed] in the
- * model's pack cache: C (+)= A W^T + bias, then post.
+ * A product with a PyTorch weight [n, k], matrix `packed` of the model's
+ * pack cache: C (+)= A W^T + bias, then post, in the run's precision.
  */
 static void
 linear(osv_context *ctx, int m, const float *a, size_t lda, const float *w,
@@ -394,14 +394,24 @@ linear(osv_context *ctx, int m, const float *a, size_t lda, const float *w,
 	   size_t ldc, void (*post) (float *, int))
 {
 	const osv_model *model = ctx->model;
+	bool		bf16 = ctx->precision == OSV_PRECISION_BF16;
+	const osv_pack_cache *pack = &model->packs[ctx->precision];
 	osv_gemm	g = {
 		.m = m,.n = n,.k = k,.a = a,.lda = lda,.b = w,.ldb = (size_t) k,
 		.b_is_nk = true,.alpha = 1.0f,.bias = bias,.accumulate = accumulate,
-		.c = c,.ldc = ldc,.post = post,
-		.b_packed = model->packed != NULL ? model->packed[packed] : NULL,
-		.b_packed_nr = model->packed_nr
+		.c = c,.ldc = ldc,.post = post,.bf16 = bf16
 	};
 
+	if (pack->matrices != NULL && bf16)
+	{
+		g.b_packed16 = pack->matrices[packed];
+		g.b_packed16_nr = pack->nr;
+	}
+	else if (pack->matrices != NULL)
+	{
+		g.b_packed = pack->matrices[packed];
+		g.b_packed_nr = pack->nr;
+	}
 	osv_gemm_run(&g, ctx->packed_a);
 }
 
@@ -697,6 +707,9 @@ osv_network_forward(osv_context *ctx, int images, const osv_params *params,
 	if (images < 1 || images > ctx->max_images)
 		return osv_fail(err, OSV_ERR_ARGUMENT, "%d images for a run state of %d",
 						images, ctx->max_images);
+	if (params->precision != OSV_PRECISION_FP32 && params->precision != OSV_PRECISION_BF16)
+		return osv_fail(err, OSV_ERR_ARGUMENT, "unknown precision %d", (int) params->precision);
+	ctx->precision = params->precision;
 
 	/* the threads and their scratch: a B panel of any product, or one head's attention */
 	scratch = osv_gemm_scratch_floats(0, max_k > d ? max_k : d);

@@ -17,6 +17,7 @@ struct osv_context
 {
 	const osv_model *model;
 	int			max_images;		/* B: images one run can hold */
+	osv_precision precision;	/* of the products with weights, in the current run */
 
 	/* dimensions, copied from model->info */
 	int			hidden;			/* D */

@@ -43,7 +43,7 @@
 #include <unistd.h>
 
 #define PACK_MAGIC "OSV5MPACK"
-#define PACK_VERSION 1
+#define PACK_VERSION 2
 #define HEADER_BYTES 4096
 
 typedef struct pack_header
@@ -52,7 +52,7 @@ typedef struct pack_header
 	uint32_t	version;
 	uint32_t	nr;
 	uint32_t	matrices;
-	uint32_t	pad;
+	uint32_t	precision;		/* osv_precision: float32 or bf16 pairs */
 	/* the weights file's identity */
 	uint64_t	dev,
 				ino,
@@ -70,7 +70,7 @@ typedef struct pack_entry
 	const float *w;
 	int			n,
 				k;
-	size_t		offset;			/* floats from the file's start */
+	size_t		offset;			/* bytes from the file's start */
 } pack_entry;
 
 static int
@@ -96,18 +96,25 @@ list_matrices(const osv_model *model, pack_entry *e)
 	return count;
 }
 
-/* Offsets of the entries for panel width nr; returns the file's size in bytes. */
+/*
+ * Offsets (in bytes, 64-byte aligned) of the entries for panel width nr
+ * and the precision; returns the file's size in bytes.
+ */
 static size_t
-lay_out(pack_entry *e, int count, int nr)
+lay_out(pack_entry *e, int count, int nr, osv_precision precision)
 {
-	size_t		at = HEADER_BYTES / sizeof(float);
+	size_t		at = HEADER_BYTES;
 
 	for (int i = 0; i < count; i++)
 	{
+		size_t		bytes = precision == OSV_PRECISION_BF16 ?
+			osv_gemm_packed_weight_halves(e[i].n, e[i].k, nr) * sizeof(uint16_t) :
+			osv_gemm_packed_weight_floats(e[i].n, e[i].k, nr) * sizeof(float);
+
 		e[i].offset = at;
-		at += (osv_gemm_packed_weight_floats(e[i].n, e[i].k, nr) + 15) / 16 * 16;
+		at += (bytes + 63) / 64 * 64;
 	}
-	return at * sizeof(float);
+	return at;
 }
 
 /* A directory or file this process may trust: ours, and writable by no one else. */
@@ -170,7 +177,14 @@ write_pack(const char *path, const pack_header *h, const pack_entry *e, int coun
 		return osv_fail(err, OSV_ERR_IO, "could not size \"%s\": %s", tmp, strerror(e_no));
 	}
 	for (int i = 0; i < count; i++)
-		osv_gemm_pack_weight(e[i].w, e[i].n, e[i].k, (int) h->nr, (float *) map + e[i].offset);
+	{
+		char	   *at = (char *) map + e[i].offset;
+
+		if (h->precision == OSV_PRECISION_BF16)
+			osv_gemm_pack_weight_bf16(e[i].w, e[i].n, e[i].k, (int) h->nr, (uint16_t *) at);
+		else
+			osv_gemm_pack_weight(e[i].w, e[i].n, e[i].k, (int) h->nr, (float *) at);
+	}
 	/* the header last: a file that has it is complete */
 	memcpy(map, h, sizeof(*h));
 	if (msync(map, h->file_size, MS_SYNC) != 0 || fsync(fd) != 0)
@@ -193,11 +207,14 @@ write_pack(const char *path, const pack_header *h, const pack_entry *e, int coun
 }
 
 osv_status
-osv_model_use_pack_cache(osv_model *model, const char *dir, osv_error *err)
+osv_model_use_pack_cache(osv_model *model, const char *dir, osv_precision precision,
+						 osv_error *err)
 {
 	int			count = 1 + 6 * model->info.num_layers;
 	pack_entry *e;
-	const float **packed;
+	const void **packed;
+	osv_pack_cache *pack;
+	char	   *info_path;
 	pack_header h;
 	struct stat st;
 	char		path[sizeof(model->info.pack_cache_path)];
@@ -205,7 +222,12 @@ osv_model_use_pack_cache(osv_model *model, const char *dir, osv_error *err)
 	void	   *map;
 	osv_status	status;
 
-	if (model->packed != NULL)
+	if (precision != OSV_PRECISION_FP32 && precision != OSV_PRECISION_BF16)
+		return osv_fail(err, OSV_ERR_ARGUMENT, "unknown precision %d", (int) precision);
+	pack = &model->packs[precision];
+	info_path = precision == OSV_PRECISION_BF16 ? model->info.pack_cache_path_bf16
+		: model->info.pack_cache_path;
+	if (pack->matrices != NULL)
 		return OSV_OK;
 	if (dir == NULL || dir[0] != '/')
 		return osv_fail(err, OSV_ERR_ARGUMENT, "the pack cache directory must be an absolute path");
@@ -223,6 +245,7 @@ osv_model_use_pack_cache(osv_model *model, const char *dir, osv_error *err)
 	h.version = PACK_VERSION;
 	h.nr = (uint32_t) osv_gemm_nr();
 	h.matrices = (uint32_t) count;
+	h.precision = (uint32_t) precision;
 	if (stat(model->info.weights_path, &st) != 0)
 		return osv_fail(err, OSV_ERR_IO, "\"%s\": %s", model->info.weights_path, strerror(errno));
 	h.dev = st.st_dev;
@@ -242,7 +265,7 @@ osv_model_use_pack_cache(osv_model *model, const char *dir, osv_error *err)
 		return osv_fail(err, OSV_ERR_NOMEM, "out of memory for the pack cache's table");
 	}
 	list_matrices(model, e);
-	h.file_size = lay_out(e, count, (int) h.nr);
+	h.file_size = lay_out(e, count, (int) h.nr, precision);
 	osv_sha256_hex((const uint8_t *) &h, sizeof(h), digest);
 	snprintf(path, sizeof(path), "%s/osv5m-pack-%.24s.bin", dir, digest);
 
@@ -260,24 +283,27 @@ osv_model_use_pack_cache(osv_model *model, const char *dir, osv_error *err)
 		}
 	}
 	for (int i = 0; i < count; i++)
-		packed[i] = (const float *) map + e[i].offset;
+		packed[i] = (const char *) map + e[i].offset;
 	free(e);
-	model->packed = packed;
-	model->packed_map = map;
-	model->packed_size = h.file_size;
-	model->packed_nr = (int) h.nr;
-	snprintf(model->info.pack_cache_path, sizeof(model->info.pack_cache_path), "%s", path);
+	pack->matrices = packed;
+	pack->map = map;
+	pack->size = h.file_size;
+	pack->nr = (int) h.nr;
+	snprintf(info_path, sizeof(model->info.pack_cache_path), "%s", path);
 	return OSV_OK;
 }
 
-/* Unmap the pack cache of a model being closed. */
+/* Unmap the pack caches of a model being closed. */
 void
 osv_model_drop_pack_cache(osv_model *model)
 {
-	if (model->packed_map != NULL)
-		munmap(model->packed_map, model->packed_size);
-	free(model->packed);
-	model->packed = NULL;
-	model->packed_map = NULL;
-	model->packed_nr = 0;
+	for (int p = 0; p < OSV_NUM_PRECISIONS; p++)
+	{
+		osv_pack_cache *pack = &model->packs[p];
+
+		if (pack->map != NULL)
+			munmap(pack->map, pack->size);
+		free(pack->matrices);
+		memset(pack, 0, sizeof(*pack));
+	}
 }

@@ -167,7 +167,7 @@ Load(const char *dir)
 
 	/* a pack cache that cannot be used only costs speed: warn, go on */
 	if (osv5m_pack_cache_dir != NULL && osv5m_pack_cache_dir[0] != '\0' &&
-		osv_model_use_pack_cache(model, osv5m_pack_cache_dir, &err) != OSV_OK)
+		osv_model_use_pack_cache(model, osv5m_pack_cache_dir, OSV_PRECISION_FP32, &err) != OSV_OK)
 		ereport(WARNING,
 				(errcode(ERRCODE_CONFIG_FILE_ERROR),
 				 errmsg("osv5m.pack_cache_dir is not used: %s", err.message),

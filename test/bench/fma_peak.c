@@ -8,7 +8,9 @@
  * accumulators per thread hide the FMA latency on every x86-64 core of
  * the last ten years (latency 4-5 cycles, 2 FMA ports).
  *
- * Usage: fma_peak [THREADS [SECONDS]]      default 1 thread, 1 s
+ * Usage: fma_peak [THREADS [SECONDS [fp32|bf16]]]   default 1 thread, 1 s, fp32
+ * (bf16: the vdpbf16ps peak of AVX512_BF16 CPUs, each lane's two products
+ * counted as two FMAs)
  * Prints one JSON object: {"isa":S,"threads":N,"seconds":S,"gflops":G}
  * where gflops counts an FMA as 2 floating-point operations per lane.
  *
@@ -19,6 +21,7 @@
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
 #define CHAINS 12
@@ -61,6 +64,34 @@ run_avx512(float *sink)
 	return lanes;
 }
 
+/*
+ * The bf16 dot-product peak: vdpbf16ps, each lane two multiply-adds of
+ * bf16 pairs into a float32 sum (counted as 2 FMAs, 4 operations).
+ */
+__attribute__((target("avx512f,avx512bf16"))) static double
+run_bf16(float *sink)
+{
+	__m512		acc[CHAINS];
+	__m512bh	a = (__m512bh) _mm512_set1_epi32(0x3f803f80),	/* bf16 pairs (1, 1) */
+				b = (__m512bh) _mm512_set1_epi32(0x33d633d6);	/* about 1e-7 */
+	double		start = now(),
+				lanes = 0;
+
+	for (int i = 0; i < CHAINS; i++)
+		acc[i] = _mm512_set1_ps((float) i);
+	do
+	{
+		for (int r = 0; r < ITERS; r++)
+			for (int i = 0; i < CHAINS; i++)
+				acc[i] = _mm512_dpbf16_ps(acc[i], a, b);
+		lanes += (double) ITERS * CHAINS * 16 * 2;
+	} while (now() - start < seconds_wanted);
+	for (int i = 1; i < CHAINS; i++)
+		acc[0] = _mm512_add_ps(acc[0], acc[i]);
+	*sink = _mm512_reduce_add_ps(acc[0]);
+	return lanes;
+}
+
 __attribute__((target("avx2,fma"))) static double
 run_avx2(float *sink)
 {
@@ -93,14 +124,15 @@ typedef struct
 	float		sink;
 } job;
 
-static int	use_avx512;
+static int	use_avx512,
+			use_bf16;
 
 static void *
 worker(void *arg)
 {
 	job		   *j = arg;
 
-	j->lanes = use_avx512 ? run_avx512(&j->sink) : run_avx2(&j->sink);
+	j->lanes = use_bf16 ? run_bf16(&j->sink) : use_avx512 ? run_avx512(&j->sink) : run_avx2(&j->sink);
 	return NULL;
 }
 
@@ -116,13 +148,20 @@ main(int argc, char **argv)
 
 	if (argc > 2)
 		seconds_wanted = atof(argv[2]);
-	if (threads < 1 || threads > 1024 || seconds_wanted <= 0)
+	use_bf16 = argc > 3 && strcmp(argv[3], "bf16") == 0;
+	if (threads < 1 || threads > 1024 || seconds_wanted <= 0 ||
+		(argc > 3 && !use_bf16 && strcmp(argv[3], "fp32") != 0))
 	{
-		fprintf(stderr, "usage: fma_peak [THREADS [SECONDS]]\n");
+		fprintf(stderr, "usage: fma_peak [THREADS [SECONDS [fp32|bf16]]]\n");
 		return 2;
 	}
 	__builtin_cpu_init();
 	use_avx512 = __builtin_cpu_supports("avx512f");
+	if (use_bf16 && !(use_avx512 && __builtin_cpu_supports("avx512bf16")))
+	{
+		fprintf(stderr, "fma_peak: this CPU has no AVX512_BF16\n");
+		return 1;
+	}
 	if (!use_avx512 && !(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")))
 	{
 		fprintf(stderr, "fma_peak: this CPU has neither AVX-512 nor AVX2 + FMA\n");
@@ -142,6 +181,6 @@ main(int argc, char **argv)
 	}
 	elapsed = now() - start;
 	printf("{\"isa\":\"%s\",\"threads\":%d,\"seconds\":%.3f,\"gflops\":%.1f}\n",
-		   use_avx512 ? "avx512" : "avx2", threads, elapsed, 2.0 * lanes / elapsed / 1e9);
+		   use_bf16 ? "avx512_bf16" : use_avx512 ? "avx512" : "avx2", threads, elapsed, 2.0 * lanes / elapsed / 1e9);
 	return 0;
 }

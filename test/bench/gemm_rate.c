@@ -10,8 +10,12 @@
  * simulated block has its own weights and there are --layers of them
  * (default 4, 200 MB), more than the caches hold, as in the real model.
  *
+ * With --precision bf16, the products are bf16 ones (gemm.h), the weights
+ * packed in bf16 pairs.
+ *
  * Usage: gemm_rate [--threads N] [--layers L] [--reps R] [--tokens T]
- * Prints one JSON object: {"kernels":S,"threads":N,"tokens":T,
+ *                  [--precision fp32|bf16]
+ * Prints one JSON object: {"kernels":S,"precision":P,"threads":N,"tokens":T,
  *   "shapes":[{"name":"qkv","gflops":G},...],"gflops":G}
  * ("gflops" at the top: all FLOPs over all seconds), median of R reps.
  *
@@ -70,7 +74,8 @@ main(int argc, char **argv)
 	const char *names[NSHAPES] = {"qkv", "out", "fc1", "fc2"};
 	int			ns[NSHAPES] = {3 * d, d, f, d};
 	int			ks[NSHAPES] = {d, d, d, f};
-	float	   *packed[NSHAPES][16];
+	void	   *packed[NSHAPES][16];
+	osv_precision precision = OSV_PRECISION_FP32;
 	float	   *bias[NSHAPES];
 	double		secs[NSHAPES][64];
 	osv_error	err;
@@ -86,10 +91,12 @@ main(int argc, char **argv)
 			reps = atoi(argv[i + 1]);
 		else if (strcmp(argv[i], "--tokens") == 0)
 			t = atoi(argv[i + 1]);
+		else if (strcmp(argv[i], "--precision") == 0 && !osv_precision_parse(argv[i + 1], &precision))
+			layers = 0;			/* a usage error below */
 	}
 	if (layers < 1 || layers > 16 || reps < 1 || reps > 64 || t < 1 || threads < 1)
 	{
-		fprintf(stderr, "usage: gemm_rate [--threads N] [--layers 1..16] [--reps 1..64] [--tokens T]\n");
+		fprintf(stderr, "usage: gemm_rate [--threads N] [--layers 1..16] [--reps 1..64] [--tokens T] [--precision fp32|bf16]\n");
 		return 2;
 	}
 	nr = osv_gemm_nr();
@@ -99,8 +106,16 @@ main(int argc, char **argv)
 
 		for (int l = 0; l < layers; l++)
 		{
-			packed[s][l] = aligned_alloc(64, osv_gemm_packed_weight_floats(ns[s], ks[s], nr) * sizeof(float));
-			osv_gemm_pack_weight(w, ns[s], ks[s], nr, packed[s][l]);
+			if (precision == OSV_PRECISION_BF16)
+			{
+				packed[s][l] = aligned_alloc(64, osv_gemm_packed_weight_halves(ns[s], ks[s], nr) * sizeof(uint16_t));
+				osv_gemm_pack_weight_bf16(w, ns[s], ks[s], nr, packed[s][l]);
+			}
+			else
+			{
+				packed[s][l] = aligned_alloc(64, osv_gemm_packed_weight_floats(ns[s], ks[s], nr) * sizeof(float));
+				osv_gemm_pack_weight(w, ns[s], ks[s], nr, packed[s][l]);
+			}
 		}
 		free(w);
 		bias[s] = filled(ns[s], 99u + s);
@@ -125,7 +140,18 @@ main(int argc, char **argv)
 				osv_gemm	g = {.m = t,.n = ns[s],.k = ks[s],.a = x,.lda = (size_t) ks[s],
 					.b_is_nk = true,.ldb = (size_t) ks[s],.alpha = 1.0f,.bias = bias[s],
 					.accumulate = s == 1 || s == 3,.c = y,.ldc = (size_t) ns[s],
-				.b_packed = packed[s][l],.b_packed_nr = nr};
+				.bf16 = precision == OSV_PRECISION_BF16};
+
+				if (g.bf16)
+				{
+					g.b_packed16 = packed[s][l];
+					g.b_packed16_nr = nr;
+				}
+				else
+				{
+					g.b_packed = packed[s][l];
+					g.b_packed_nr = nr;
+				}
 
 				osv_gemm_run(&g, pa);
 			}
@@ -136,8 +162,8 @@ main(int argc, char **argv)
 	double		flops_all = 0,
 				secs_all = 0;
 
-	printf("{\"kernels\":\"%s\",\"threads\":%d,\"tokens\":%d,\"layers\":%d,\"reps\":%d,\"shapes\":[",
-		   osv_gemm_kernels_name(), threads, t, layers, reps);
+	printf("{\"kernels\":\"%s\",\"precision\":\"%s\",\"threads\":%d,\"tokens\":%d,\"layers\":%d,\"reps\":%d,\"shapes\":[",
+		   osv_gemm_kernels_name(), osv_precision_name(precision), threads, t, layers, reps);
 	for (int s = 0; s < NSHAPES; s++)
 	{
 		double		flops = 2.0 * t * ns[s] * ks[s] * layers;

@@ -158,7 +158,132 @@ relative_vs_openblas(const osv_gemm *g, const float *c_before, const float *c)
 	return worst / (scale > 0.0 ? scale : 1.0);
 }
 
-static const char *const path_names[] = {"auto", "avx512", "avx2", "portable"};
+static const char *const path_names[] = {"auto", "avx512_bf16", "avx512", "avx2", "portable"};
+
+/* 0 for a subnormal, as vdpbf16ps flushes its sums. */
+static float
+flushed(float x)
+{
+	return fabsf(x) < 1.17549435e-38f ? copysignf(0.0f, x) : x;
+}
+
+/*
+ * The bf16 product's expected bits, written from the definition (gemm.h)
+ * in double precision rather than with fmaf: each term, a product of two
+ * bfloat16 values, is exact in double; the float32 sum plus the term is
+ * rounded once to double, then to float, which gives the correctly
+ * rounded float sum (double has more than twice float's precision).
+ */
+static void
+expected_bits_bf16(const osv_gemm *g, const float *c_before, float *out)
+{
+	for (int i = 0; i < g->m; i++)
+	{
+		for (int j = 0; j < g->n; j++)
+		{
+			float		acc = 0.0f;
+			float		v;
+
+			for (int p = 0; p < g->k; p += 2)
+				for (int q = p + 1; q >= p; q--)	/* the odd term of the pair first */
+				{
+					double		term;
+
+					if (q >= g->k)
+						continue;
+					term = (double) osv_bf16_to_float(osv_bf16_round(g->a[(size_t) i * g->lda + q])) *
+						(double) osv_bf16_to_float(osv_bf16_round(b_at(g, q, j)));
+					acc = flushed((float) ((double) acc + term));
+				}
+			v = acc;
+			if (g->alpha != 1.0f)
+				v = v * g->alpha;
+			if (g->bias != NULL)
+				v = v + g->bias[j];
+			if (g->accumulate)
+				v = c_before[(size_t) i * g->ldc + j] + v;
+			out[(size_t) i * g->ldc + j] = v;
+		}
+		if (g->post != NULL)
+			g->post(out + (size_t) i * g->ldc, g->n);
+	}
+}
+
+/*
+ * The bf16 products of g (on every path, thread count and entry point, and
+ * from weights packed in advance when B is a weight) against the bits
+ * written from the definition; and those bits against the float32
+ * product: within the rounding of both operands to bf16 (each off by at
+ * most 2^-8 of itself, so a term by 2^-7 + 2^-16; summed over the terms'
+ * magnitudes) plus the float sum's own rounding.
+ */
+static void
+check_bf16(osv_gemm g, const float *c0, float *want, float *c, float *packed, float *scratch,
+		   const char *what)
+{
+	size_t		bytes = (size_t) g.m * g.ldc * sizeof(float);
+	uint16_t   *packed16 = NULL;
+	osv_error	err;
+
+	g.bf16 = true;
+	memcpy(want, c0, bytes);
+	expected_bits_bf16(&g, c0, want);
+	if (g.b_is_nk && g.ldb == (size_t) g.k)
+		packed16 = aligned_alloc(64, (osv_gemm_packed_weight_halves(g.n, g.k, 32) * 2 + 63) / 64 * 64);
+	for (int path = OSV_KERNELS_AVX512_BF16; path <= OSV_KERNELS_PORTABLE; path++)
+	{
+		if (!osv_gemm_use_kernels((osv_kernels) path))
+			continue;
+		for (int threads = 1; threads <= 2; threads++)
+		{
+			CHECK(osv_pool_prepare(threads, osv_gemm_scratch_floats(0, g.k) * sizeof(float), &err) == OSV_OK,
+				  "pool: %s", err.message);
+			memcpy(c, c0, bytes);
+			osv_gemm_run(&g, packed);
+			CHECK(memcmp(c, want, bytes) == 0, "%s bf16: %s kernels on %d threads are not the definition's bits",
+				  what, path_names[path], threads);
+		}
+		memcpy(c, c0, bytes);
+		osv_gemm_serial(&g, scratch);
+		CHECK(memcmp(c, want, bytes) == 0, "%s bf16: %s kernels, serial, are not the definition's bits",
+			  what, path_names[path]);
+		if (packed16 != NULL)
+		{
+			osv_gemm	gp = g;
+
+			gp.b_packed16_nr = osv_gemm_nr();
+			osv_gemm_pack_weight_bf16(g.b, g.n, g.k, gp.b_packed16_nr, packed16);
+			gp.b_packed16 = packed16;
+			memcpy(c, c0, bytes);
+			osv_gemm_run(&gp, packed);
+			CHECK(memcmp(c, want, bytes) == 0, "%s bf16: %s kernels, weights packed in advance, are not the definition's bits",
+				  what, path_names[path]);
+		}
+	}
+	osv_gemm_use_kernels(OSV_KERNELS_AUTO);
+	free(packed16);
+
+	/* against the float32 product, before any epilogue */
+	if (g.alpha == 1.0f && g.bias == NULL && !g.accumulate && g.post == NULL)
+		for (int i = 0; i < g.m; i++)
+			for (int j = 0; j < g.n; j++)
+			{
+				double		exact = 0.0,
+							magnitude = 0.0;
+
+				for (int p = 0; p < g.k; p++)
+				{
+					double		t = (double) g.a[(size_t) i * g.lda + p] * b_at(&g, p, j);
+
+					exact += t;
+					magnitude += fabs(t);
+				}
+				CHECK(fabs(want[(size_t) i * g.ldc + j] - exact) <=
+					  magnitude * (0x1p-7 + 0x1p-16 + g.k * 0x1p-24) + 1e-30,
+					  "%s bf16: C[%d,%d] = %.9g, the float32 product %.9g: beyond bf16's rounding",
+					  what, i, j, want[(size_t) i * g.ldc + j], exact);
+			}
+}
 
 static void
 check_shape(int m, int n, int k, bool nk, bool bias, bool accumulate, bool post,
@@ -223,6 +348,7 @@ check_shape(int m, int n, int k, bool nk, bool bias, bool accumulate, bool post,
 	CHECK(e <= 1.0, "%s: %.3g times the rounding bound away from the double product", what, e);
 	e = relative_vs_openblas(&g, c0, want);
 	CHECK(e <= 1e-5, "%s: %.3g relative to OpenBLAS", what, e);
+	check_bf16(g, c0, want, c, packed, scratch, what);
 
 	free(a);
 	free(b);
@@ -232,6 +358,63 @@ check_shape(int m, int n, int k, bool nk, bool bias, bool accumulate, bool post,
 	free(c);
 	free(packed);
 	free(scratch);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+
+/* vcvtneps2bf16 on 16 floats (CPUs with AVX512_BF16). */
+__attribute__((target("avx512f,avx512bf16,avx512vl"))) static void
+hardware_round(const float *x, uint16_t *out)
+{
+	__m256bh	r = _mm512_cvtneps_pbh(_mm512_loadu_ps(x));
+
+	memcpy(out, &r, 32);
+}
+#endif
+
+/* 32 random bits. */
+static uint32_t
+next_bits(void)
+{
+	rng_state = rng_state * 6364136223846793005ULL + 1442695040888963407ULL;
+	return (uint32_t) (rng_state >> 32);
+}
+
+/* osv_bf16_round against the instruction it imitates, where the CPU has it. */
+static void
+check_rounding(void)
+{
+#if defined(__x86_64__) && defined(__GNUC__)
+	static const uint32_t special[16] = {
+		0x00000000, 0x80000000, 0x00000001, 0x807fffff, 0x00800000, 0x7f7fffff, 0x7f800000, 0xff800000,
+		0x7fc00000, 0x7f800001, 0xffbfffff, 0x3f808000, 0x3f818000, 0x3f807fff, 0x3f808001, 0x7f7f8000
+	};
+	float		x[16];
+	uint16_t	hw[16];
+	int			checked = 0;
+
+	__builtin_cpu_init();
+	if (!__builtin_cpu_supports("avx512bf16"))
+	{
+		printf("bf16 rounding: this CPU has no vcvtneps2bf16 to compare with\n");
+		return;
+	}
+	for (int round = 0; round < 20000; round++)
+	{
+		for (int i = 0; i < 16; i++)
+		{
+			uint32_t	u = round == 0 ? special[i] : next_bits();
+
+			memcpy(&x[i], &u, 4);
+		}
+		hardware_round(x, hw);
+		for (int i = 0; i < 16; i++, checked++)
+			CHECK(osv_bf16_round(x[i]) == hw[i], "bf16 rounding of %a (bits %08x): %04x, the instruction %04x",
+				  x[i], ((const uint32_t *) x)[i], osv_bf16_round(x[i]), hw[i]);
+	}
+	printf("bf16 rounding: %d values as vcvtneps2bf16 rounds them\n", checked);
+#endif
 }
 
 int
@@ -245,6 +428,7 @@ main(void)
 
 	CHECK(osv_blas_load(&err) == OSV_OK, "OpenBLAS: %s", err.message);
 	printf("kernels chosen for this CPU: %s\n", osv_gemm_kernels_name());
+	check_rounding();
 	for (size_t mi = 0; mi < sizeof(ms) / sizeof(ms[0]); mi++)
 		for (size_t ni = 0; ni < sizeof(ns) / sizeof(ns[0]); ni++)
 			for (size_t ki = 0; ki < sizeof(ks) / sizeof(ks[0]); ki++)

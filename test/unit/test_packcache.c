@@ -24,19 +24,27 @@
 static unsigned char image[1 << 20];
 static size_t image_size;
 
-/* Run the image on model; the logits and regression into out (2 x C + C floats). */
+/* Run the image on model in precision; the logits and regression into out (C + 2 x C floats). */
 static void
-run(osv_model *model, float *out)
+run_in(osv_model *model, osv_precision precision, float *out)
 {
 	osv_context *ctx;
 	osv_error	err;
+	osv_params	params = osv_default_params();
 	int			c = osv_model_get_info(model)->num_cells;
 
+	params.precision = precision;
 	CHECK(osv_context_new(model, &ctx, &err) == OSV_OK, "context: %s", err.message);
-	CHECK(osv_run_image(ctx, image, image_size, NULL, &err) == OSV_OK, "run: %s", err.message);
+	CHECK(osv_run_image(ctx, image, image_size, &params, &err) == OSV_OK, "run: %s", err.message);
 	memcpy(out, osv_context_logits(ctx), (size_t) c * sizeof(float));
 	memcpy(out + c, osv_context_regression(ctx), 2 * (size_t) c * sizeof(float));
 	osv_context_free(ctx);
+}
+
+static void
+run(osv_model *model, float *out)
+{
+	run_in(model, OSV_PRECISION_FP32, out);
 }
 
 static osv_model *
@@ -83,17 +91,38 @@ main(void)
 	want = malloc(3 * (size_t) c * sizeof(float));
 	got = malloc(3 * (size_t) c * sizeof(float));
 	run(m, want);
-	CHECK(osv_model_use_pack_cache(m, cache, &err) == OSV_OK, "use: %s", err.message);
+	CHECK(osv_model_use_pack_cache(m, cache, OSV_PRECISION_FP32, &err) == OSV_OK, "use: %s", err.message);
 	snprintf(first, sizeof(first), "%s", osv_model_get_info(m)->pack_cache_path);
 	CHECK(strncmp(first, cache, strlen(cache)) == 0, "cache file \"%s\"", first);
 	run(m, got);
 	CHECK(memcmp(want, got, 3 * (size_t) c * sizeof(float)) == 0, "results with the pack cache differ");
 	CHECK(stat(first, &st) == 0 && (st.st_mode & 0777) == 0600, "cache file mode %o", st.st_mode & 0777);
+
+	/* bf16: its own file, the same bits as bf16 packed on the fly; fp32 unchanged */
+	{
+		float	   *want16 = malloc(3 * (size_t) c * sizeof(float));
+		const char *path16;
+
+		run_in(m, OSV_PRECISION_BF16, want16);
+		CHECK(memcmp(want16, want, 3 * (size_t) c * sizeof(float)) != 0,
+			  "bf16 gives float32's bits: the precision is not applied");
+		CHECK(osv_model_get_info(m)->pack_cache_path_bf16[0] == '\0', "a bf16 file before it was asked for");
+		CHECK(osv_model_use_pack_cache(m, cache, OSV_PRECISION_BF16, &err) == OSV_OK, "use bf16: %s", err.message);
+		path16 = osv_model_get_info(m)->pack_cache_path_bf16;
+		CHECK(strncmp(path16, cache, strlen(cache)) == 0 && strcmp(path16, first) != 0,
+			  "bf16 cache file \"%s\" (float32's: \"%s\")", path16, first);
+		run_in(m, OSV_PRECISION_BF16, got);
+		CHECK(memcmp(want16, got, 3 * (size_t) c * sizeof(float)) == 0, "bf16 results with the pack cache differ");
+		run(m, got);
+		CHECK(memcmp(want, got, 3 * (size_t) c * sizeof(float)) == 0,
+			  "float32 results with both caches in use differ");
+		free(want16);
+	}
 	osv_model_close(m);
 
 	/* reused as it is by the next open */
 	m = open_model(model_dir);
-	CHECK(osv_model_use_pack_cache(m, cache, &err) == OSV_OK, "reuse: %s", err.message);
+	CHECK(osv_model_use_pack_cache(m, cache, OSV_PRECISION_FP32, &err) == OSV_OK, "reuse: %s", err.message);
 	CHECK(strcmp(osv_model_get_info(m)->pack_cache_path, first) == 0 &&
 		  stat(first, &st2) == 0 && st2.st_ino == st.st_ino, "the cache file was rewritten");
 	run(m, got);
@@ -103,14 +132,14 @@ main(void)
 	/* truncated, then writable by others: replaced */
 	CHECK(truncate(first, st.st_size / 2) == 0, "truncate");
 	m = open_model(model_dir);
-	CHECK(osv_model_use_pack_cache(m, cache, &err) == OSV_OK, "after truncation: %s", err.message);
+	CHECK(osv_model_use_pack_cache(m, cache, OSV_PRECISION_FP32, &err) == OSV_OK, "after truncation: %s", err.message);
 	CHECK(stat(first, &st2) == 0 && st2.st_size == st.st_size, "a truncated file was kept");
 	run(m, got);
 	CHECK(memcmp(want, got, 3 * (size_t) c * sizeof(float)) == 0, "results after truncation differ");
 	osv_model_close(m);
 	CHECK(chmod(first, 0666) == 0, "chmod");
 	m = open_model(model_dir);
-	CHECK(osv_model_use_pack_cache(m, cache, &err) == OSV_OK, "after chmod: %s", err.message);
+	CHECK(osv_model_use_pack_cache(m, cache, OSV_PRECISION_FP32, &err) == OSV_OK, "after chmod: %s", err.message);
 	CHECK(stat(first, &st2) == 0 && (st2.st_mode & 0777) == 0600, "a file others may write was kept");
 	osv_model_close(m);
 
@@ -118,7 +147,7 @@ main(void)
 	snprintf(cmd, sizeof(cmd), "touch -d '2001-02-03 04:05:06' %s/model.safetensors", model_dir);
 	CHECK(system(cmd) == 0, "%s", cmd);
 	m = open_model(model_dir);
-	CHECK(osv_model_use_pack_cache(m, cache, &err) == OSV_OK, "after touch: %s", err.message);
+	CHECK(osv_model_use_pack_cache(m, cache, OSV_PRECISION_FP32, &err) == OSV_OK, "after touch: %s", err.message);
 	CHECK(strcmp(osv_model_get_info(m)->pack_cache_path, first) != 0,
 		  "a touched weights file kept its cache file");
 	osv_model_close(m);
@@ -126,9 +155,9 @@ main(void)
 	/* refused: a directory others may write, a relative path; the model still runs */
 	CHECK(chmod(cache, 0777) == 0, "chmod");
 	m = open_model(model_dir);
-	CHECK(osv_model_use_pack_cache(m, cache, &err) == OSV_ERR_ARGUMENT &&
+	CHECK(osv_model_use_pack_cache(m, cache, OSV_PRECISION_FP32, &err) == OSV_ERR_ARGUMENT &&
 		  strstr(err.message, "writable by no one else") != NULL, "an open directory: %s", err.message);
-	CHECK(osv_model_use_pack_cache(m, "relative/dir", &err) == OSV_ERR_ARGUMENT, "a relative path");
+	CHECK(osv_model_use_pack_cache(m, "relative/dir", OSV_PRECISION_FP32, &err) == OSV_ERR_ARGUMENT, "a relative path");
 	CHECK(osv_model_get_info(m)->pack_cache_path[0] == '\0', "a refused cache is in use");
 	run(m, got);
 	CHECK(memcmp(want, got, 3 * (size_t) c * sizeof(float)) == 0, "results without the cache differ");
