@@ -227,7 +227,7 @@ def print_table(rows):
           "feature cosine min | feature cosine median |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, s in rows:
-        print("| %s | %d | %.1f %% | %.3g | %.3g | %.3g | %.6f | %.6f |" % (
+        print("| %s | %d | %.1f %% | %.3g | %.3g | %.3g | %.7f | %.7f |" % (
             name, s["images"], 100 * s["same_cell"], s["km_median"], s["km_p95"], s["km_max"],
             s["cosine_min"], s["cosine_median"]))
 
