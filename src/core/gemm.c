@@ -94,6 +94,27 @@ typedef void (*pack_b16_fn) (const osv_gemm *g, int n0, uint16_t *dst);
 typedef void (*panel16_fn) (const osv_gemm *g, const uint16_t *packed_a, const uint16_t *packed_b,
 							int n0, int cols, prefetch ahead);
 
+/*
+ * The int8 counterparts: A quantized into blocks [k/4][MR][4] of unsigned
+ * bytes with a float scale per row (int8_a), B panels [k/4][NR][4] of
+ * signed bytes with a scale and a sum per column (int8_b).
+ */
+typedef struct int8_a
+{
+	uint8_t    *q;
+	float	   *scales;
+} int8_a;
+
+typedef struct int8_b
+{
+	const uint8_t *q;
+	const float *scales;
+	const int32_t *sums;
+} int8_b;
+
+typedef void (*pack_a8_fn) (const osv_gemm *g, int lo, int hi, int8_a dst);
+typedef void (*panel8_fn) (const osv_gemm *g, int8_a a, int8_b b, int n0, int cols, prefetch ahead);
+
 typedef struct kernel_path
 {
 	const char *name;
@@ -106,9 +127,18 @@ typedef struct kernel_path
 	pack_a16_fn pack_a16;
 	pack_b16_fn pack_b16;
 	panel16_fn	panel16;
+	/* int8 products (every path has them: native ones, or integer C) */
+	pack_a8_fn	pack_a8;
+	panel8_fn	panel8;
 } kernel_path;
 
 /* ---- packing ------------------------------------------------------------- */
+
+static size_t
+round_up(size_t x, size_t to)
+{
+	return (x + to - 1) / to * to;
+}
 
 /* Blocks of mr rows of A, [k][mr] each, zero rows past m: blocks [lo, hi). */
 static void
@@ -277,6 +307,181 @@ pack_b16(const osv_gemm *g, int nr, int n0, uint16_t *dst)
 		}
 }
 
+/* ---- int8 ------------------------------------------------------------------ */
+
+/* The largest magnitude of n values x[i * stride] (NaNs ignored). */
+static float
+largest_magnitude(const float *x, size_t stride, int n)
+{
+	float		m = 0.0f;
+
+	for (int i = 0; i < n; i++)
+	{
+		float		v = fabsf(x[(size_t) i * stride]);
+
+		m = v > m ? v : m;
+	}
+	return m;
+}
+
+/* 127 / the largest magnitude, or 0 when all values are 0. */
+static float
+quantize_factor(float largest)
+{
+	return largest > 0.0f ? 127.0f / largest : 0.0f;
+}
+
+/* x * factor rounded to nearest even and clamped to [-127, 127] (a NaN to -127). */
+static inline int
+quantize_one(float x, float factor)
+{
+	float		v = x * factor;
+
+	v = fmaxf(v, -127.0f);
+	v = fminf(v, 127.0f);
+	return (int) nearbyintf(v);
+}
+
+float
+osv_quantize_int8(const float *x, size_t stride, int n, int8_t *q)
+{
+	float		largest = largest_magnitude(x, stride, n);
+	float		factor = quantize_factor(largest);
+
+	for (int i = 0; i < n; i++)
+		q[i] = (int8_t) quantize_one(x[(size_t) i * stride], factor);
+	return largest / 127.0f;
+}
+
+/* Bytes of A quantized for blocks of mr rows, before the row scales (64-byte aligned). */
+static size_t
+int8_a_bytes(int m, int k, int mr)
+{
+	size_t		blocks = (size_t) (m + mr - 1) / mr;
+
+	return round_up(blocks * mr * ((size_t) (k + 3) / 4) * 4, 64);
+}
+
+static int8_a
+int8_a_in(float *packed_a, const osv_gemm *g, int mr)
+{
+	return (int8_a) {(uint8_t *) packed_a, (float *) ((char *) packed_a + int8_a_bytes(g->m, g->k, mr))};
+}
+
+/* Blocks [lo, hi) of mr rows of A quantized: [ceil(k/4)][mr][4] bytes (value + 128, pads 0). */
+static void
+pack_a8(const osv_gemm *g, int mr, int lo, int hi, int8_a dst)
+{
+	size_t		kq = (size_t) (g->k + 3) / 4;
+
+	for (int blk = lo; blk < hi; blk++)
+	{
+		uint8_t    *out = dst.q + (size_t) blk * mr * kq * 4;
+
+		for (int i = 0; i < mr; i++)
+		{
+			int			row = blk * mr + i;
+			const float *src = g->a + (size_t) row * g->lda;
+			float		largest = row < g->m ? largest_magnitude(src, 1, g->k) : 0.0f;
+			float		factor = quantize_factor(largest);
+
+			for (int p = 0; p < (int) kq * 4; p++)
+				out[((size_t) (p / 4) * mr + i) * 4 + (p & 3)] =
+					row < g->m && p < g->k ? (uint8_t) (quantize_one(src[p], factor) + 128) : 0;
+			if (row < g->m)
+				dst.scales[row] = largest / 127.0f;
+		}
+	}
+}
+
+/*
+ * Columns [n0, n0 + nr) of B quantized: [ceil(k/4)][nr][4] signed bytes
+ * (zero-padded), and each column's scale and sum of values.
+ */
+static void
+pack_b8(const osv_gemm *g, int nr, int n0, uint8_t *dst, float *scales, int32_t *sums)
+{
+	size_t		kq = (size_t) (g->k + 3) / 4;
+
+	for (int j = 0; j < nr; j++)
+	{
+		const float *col = NULL;
+		size_t		stride = 1;
+		float		largest = 0.0f,
+					factor;
+		int32_t		sum = 0;
+
+		if (n0 + j < g->n)
+		{
+			col = g->b_is_nk ? g->b + (size_t) (n0 + j) * g->ldb : g->b + n0 + j;
+			stride = g->b_is_nk ? 1 : g->ldb;
+			largest = largest_magnitude(col, stride, g->k);
+		}
+		factor = quantize_factor(largest);
+		for (int p = 0; p < (int) kq * 4; p++)
+		{
+			int			q = col != NULL && p < g->k ? quantize_one(col[(size_t) p * stride], factor) : 0;
+
+			dst[((size_t) (p / 4) * nr + j) * 4 + (p & 3)] = (uint8_t) (int8_t) q;
+			sum += q;
+		}
+		scales[j] = largest / 127.0f;
+		sums[j] = sum;
+	}
+}
+
+/* The float32 value of an int8 output before the epilogue, in gemm.h's order. */
+static inline float
+int8_value(int32_t acc, int32_t sum, float a_scale, float b_scale)
+{
+	float		v = (float) (acc - 128 * sum);
+
+	v = v * a_scale;
+	return v * b_scale;
+}
+
+/* An int8 panel in integer C: every path without vpdpbusd. */
+static void
+panel8_c(const osv_gemm *g, int mr, int nr, int8_a a, int8_b b, int n0, int cols)
+{
+	int			kq = (g->k + 3) / 4;
+
+	for (int i0 = 0; i0 < g->m; i0 += mr)
+	{
+		const uint8_t *ablk = a.q + (size_t) (i0 / mr) * mr * kq * 4;
+
+		for (int i = 0; i < mr && i0 + i < g->m; i++)
+		{
+			int			row = i0 + i;
+			float	   *out = g->c + (size_t) row * g->ldc + n0;
+
+			for (int j = 0; j < cols; j++)
+			{
+				int32_t		acc = 0;
+				float		v;
+
+				for (int q = 0; q < kq; q++)
+				{
+					const uint8_t *av = ablk + ((size_t) q * mr + i) * 4;
+					const int8_t *bv = (const int8_t *) b.q + ((size_t) q * nr + j) * 4;
+
+					acc += av[0] * bv[0] + av[1] * bv[1] + av[2] * bv[2] + av[3] * bv[3];
+				}
+				v = int8_value(acc, b.sums[j], a.scales[row], b.scales[j]);
+				if (g->alpha != 1.0f)
+					v = v * g->alpha;
+				if (g->bias != NULL)
+					v = v + g->bias[n0 + j];
+				if (g->accumulate)
+					v = out[j] + v;
+				out[j] = v;
+			}
+			if (g->post != NULL)
+				g->post(out, cols);
+		}
+	}
+}
+
 /*
  * Part `part` of `parts` of the prefetch into L2: spread over a panel's
  * tiles, so that reading the next panel's weights from memory overlaps
@@ -353,51 +558,61 @@ panel_portable(const osv_gemm *g, const float *packed_a, const float *packed_b,
 
 #define AVX512_TARGET __attribute__((target("avx512f,fma")))
 
+/* Lanes of the first and second 16 of cols (<= 32) columns. */
+static inline __mmask16
+cols_mask(int cols, int half)
+{
+	int			n = cols - 16 * half;
+
+	return n >= 16 ? 0xffff : n > 0 ? (__mmask16) ((1u << n) - 1) : 0;
+}
+
 /*
- * One tile of MR rows (a constant after inlining, so that the accumulators
- * live in registers) at row i0, columns [n0, n0 + cols), cols <= 32.
- */
-/*
- * The epilogue of a tile of mr rows at row i0, columns [n0, n0 + cols):
+ * The epilogue of one row of a tile, C row i, columns [n0, n0 + cols):
  * alpha, bias, the accumulated value and post, in gemm.h's order.
  */
+static inline __attribute__((always_inline)) AVX512_TARGET void
+store_row_avx512(const osv_gemm *g, int i, int n0, int cols, __m512 v0, __m512 v1)
+{
+	float	   *row = g->c + (size_t) i * g->ldc + n0;
+	__mmask16	mask0 = cols_mask(cols, 0),
+				mask1 = cols_mask(cols, 1);
+
+	if (g->alpha != 1.0f)
+	{
+		v0 = _mm512_mul_ps(v0, _mm512_set1_ps(g->alpha));
+		v1 = _mm512_mul_ps(v1, _mm512_set1_ps(g->alpha));
+	}
+	if (g->bias != NULL)
+	{
+		v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(mask0, g->bias + n0));
+		v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(mask1, g->bias + n0 + 16));
+	}
+	if (g->accumulate)
+	{
+		v0 = _mm512_add_ps(_mm512_maskz_loadu_ps(mask0, row), v0);
+		v1 = _mm512_add_ps(_mm512_maskz_loadu_ps(mask1, row + 16), v1);
+	}
+	_mm512_mask_storeu_ps(row, mask0, v0);
+	_mm512_mask_storeu_ps(row + 16, mask1, v1);
+	if (g->post != NULL)
+		g->post(row, cols);
+}
+
+/* The epilogue of a tile of mr rows at row i0. */
 static inline __attribute__((always_inline)) AVX512_TARGET void
 store_tile_avx512(const osv_gemm *g, const int mr, int i0, int n0, int cols,
 				  const __m512 *c0, const __m512 *c1)
 {
-	__mmask16	mask0 = cols >= 16 ? 0xffff : (__mmask16) ((1u << cols) - 1);
-	__mmask16	mask1 = cols >= 32 ? 0xffff : (cols > 16 ? (__mmask16) ((1u << (cols - 16)) - 1) : 0);
-	__m512		alpha = _mm512_set1_ps(g->alpha);
-
 #pragma GCC unroll 14
 	for (int i = 0; i < mr; i++)
-	{
-		float	   *row = g->c + (size_t) (i0 + i) * g->ldc + n0;
-		__m512		v0 = c0[i],
-					v1 = c1[i];
-
-		if (g->alpha != 1.0f)
-		{
-			v0 = _mm512_mul_ps(v0, alpha);
-			v1 = _mm512_mul_ps(v1, alpha);
-		}
-		if (g->bias != NULL)
-		{
-			v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(mask0, g->bias + n0));
-			v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(mask1, g->bias + n0 + 16));
-		}
-		if (g->accumulate)
-		{
-			v0 = _mm512_add_ps(_mm512_maskz_loadu_ps(mask0, row), v0);
-			v1 = _mm512_add_ps(_mm512_maskz_loadu_ps(mask1, row + 16), v1);
-		}
-		_mm512_mask_storeu_ps(row, mask0, v0);
-		_mm512_mask_storeu_ps(row + 16, mask1, v1);
-		if (g->post != NULL)
-			g->post(row, cols);
-	}
+		store_row_avx512(g, i0 + i, n0, cols, c0[i], c1[i]);
 }
 
+/*
+ * One tile of MR rows (a constant after inlining, so that the accumulators
+ * live in registers) at row i0, columns [n0, n0 + cols), cols <= 32.
+ */
 /*
  * One tile of MR rows (a constant after inlining, so that the accumulators
  * live in registers) at row i0, columns [n0, n0 + cols), cols <= 32.
@@ -713,6 +928,192 @@ panel_bf16(const osv_gemm *g, const uint16_t *packed_a, const uint16_t *packed_b
 	}
 }
 
+/* ---- the AVX-512 path's native int8 products --------------------------------- */
+
+#define AVX512VNNI_TARGET __attribute__((target("avx512f,avx512vnni,fma")))
+
+/* The largest magnitude of n floats, as largest_magnitude computes it. */
+static inline __attribute__((always_inline)) AVX512_TARGET float
+largest_magnitude16(const float *x, int n)
+{
+	__m512		m = _mm512_setzero_ps();
+	float		lanes[16],
+				largest = 0.0f;
+	int			p = 0;
+
+	/* max_ps(v, m) is v > m ? v : m, so a NaN is skipped as in the scalar loop */
+	for (; p + 16 <= n; p += 16)
+		m = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(x + p)), m);
+	_mm512_storeu_ps(lanes, m);
+	for (int i = 0; i < 16; i++)
+		largest = lanes[i] > largest ? lanes[i] : largest;
+	for (; p < n; p++)
+	{
+		float		v = fabsf(x[p]);
+
+		largest = v > largest ? v : largest;
+	}
+	return largest;
+}
+
+/* 16 floats quantized as quantize_one does, plus 128, in 16 bytes. */
+static inline __attribute__((always_inline)) AVX512_TARGET __m128i
+quantize16(__m512 x, __m512 factor)
+{
+	__m512		v = _mm512_mul_ps(x, factor);
+
+	/* max_ps(v, c) gives c for a NaN v, as fmaxf does */
+	v = _mm512_max_ps(v, _mm512_set1_ps(-127.0f));
+	v = _mm512_min_ps(v, _mm512_set1_ps(127.0f));
+	/* the conversion rounds to nearest even, as nearbyintf in the default mode */
+	return _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(v), _mm512_set1_epi32(128)));
+}
+
+/* pack_a8 for MR = 14: full blocks 64 values of k at a time, the rest as pack_a8 does. */
+static AVX512_TARGET void
+pack_a8_avx512(const osv_gemm *g, int lo, int hi, int8_a dst)
+{
+	size_t		kq = (size_t) (g->k + 3) / 4;
+
+	for (int blk = lo; blk < hi; blk++)
+	{
+		uint8_t    *out = dst.q + (size_t) blk * MR_AVX512 * kq * 4;
+		const float *src = g->a + (size_t) blk * MR_AVX512 * g->lda;
+		__m512		factor[MR_AVX512];
+
+		if ((blk + 1) * MR_AVX512 > g->m || g->k % 64 != 0)
+		{
+			pack_a8(g, MR_AVX512, blk, blk + 1, dst);
+			continue;
+		}
+		for (int i = 0; i < MR_AVX512; i++)
+		{
+			float		largest = largest_magnitude16(src + (size_t) i * g->lda, g->k);
+
+			factor[i] = _mm512_set1_ps(quantize_factor(largest));
+			dst.scales[blk * MR_AVX512 + i] = largest / 127.0f;
+		}
+		for (int p = 0; p < g->k; p += 64)
+		{
+			uint32_t	words[16 * 16] __attribute__((aligned(64)));
+
+			for (int i = 0; i < MR_AVX512; i++)
+			{
+				const float *row = src + (size_t) i * g->lda + p;
+
+				for (int part = 0; part < 4; part++)
+					_mm_store_si128((__m128i *) (words + i * 16 + part * 4),
+									quantize16(_mm512_loadu_ps(row + part * 16), factor[i]));
+			}
+			/* quads of bytes, one 32-bit word each: transposed to [k/4][MR] */
+			transpose_avx512((const float *) words, 16, MR_AVX512,
+							 (float *) (out + (size_t) p / 4 * MR_AVX512 * 4), MR_AVX512,
+							 (1 << MR_AVX512) - 1);
+		}
+	}
+}
+
+/*
+ * acc + vpdpbusd(a, b), written as the instruction itself: with the
+ * intrinsic, GCC 12 copies each accumulator through another register and
+ * memory on every step (a third of the speed).
+ */
+static inline __attribute__((always_inline)) AVX512VNNI_TARGET __m512i
+dpbusd(__m512i acc, __m512i a, __m512i b)
+{
+	__asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+	return acc;
+}
+
+/* One tile of int8 products: vpdpbusd over the quads of k, then int8_value and the epilogue. */
+static inline __attribute__((always_inline)) AVX512VNNI_TARGET void
+tile_int8(const osv_gemm *g, const int mr, int i0, const uint8_t *a, const float *a_scales,
+		  int8_b b, int n0, int cols)
+{
+	__m512i		c0[MR_AVX512],
+				c1[MR_AVX512];
+	int			kq = (g->k + 3) / 4;
+	__mmask16	mask0 = cols_mask(cols, 0),
+				mask1 = cols_mask(cols, 1);
+	__m512i		shift0,
+				shift1;
+	__m512		bs0,
+				bs1;
+
+#pragma GCC unroll 14
+	for (int i = 0; i < mr; i++)
+	{
+		c0[i] = _mm512_setzero_si512();
+		c1[i] = _mm512_setzero_si512();
+	}
+	for (int q = 0; q < kq; q++)
+	{
+		__m512i		b0 = _mm512_load_si512(b.q + (size_t) q * NR_AVX512 * 4);
+		__m512i		b1 = _mm512_load_si512(b.q + (size_t) q * NR_AVX512 * 4 + 64);
+
+#pragma GCC unroll 14
+		for (int i = 0; i < mr; i++)
+		{
+			int32_t		quad;
+			__m512i		av;
+
+			memcpy(&quad, a + ((size_t) q * MR_AVX512 + i) * 4, sizeof(quad));
+			av = _mm512_set1_epi32(quad);
+			c0[i] = dpbusd(c0[i], av, b0);
+			c1[i] = dpbusd(c1[i], av, b1);
+		}
+	}
+	/* int8_value: (acc - 128 sum) as float, times the row's scale, then the column's */
+	shift0 = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(mask0, b.sums), 7);
+	shift1 = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(mask1, b.sums + 16), 7);
+	bs0 = _mm512_maskz_loadu_ps(mask0, b.scales);
+	bs1 = _mm512_maskz_loadu_ps(mask1, b.scales + 16);
+#pragma GCC unroll 14
+	for (int i = 0; i < mr; i++)
+	{
+		__m512		as = _mm512_set1_ps(a_scales[i0 + i]);
+
+		store_row_avx512(g, i0 + i, n0, cols,
+						 _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(c0[i], shift0)), as), bs0),
+						 _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(c1[i], shift1)), as), bs1));
+	}
+}
+
+static AVX512VNNI_TARGET void
+panel_int8(const osv_gemm *g, int8_a a, int8_b b, int n0, int cols, prefetch ahead)
+{
+	int			i0 = 0;
+	int			tiles = (g->m + MR_AVX512 - 1) / MR_AVX512;
+	size_t		block = (size_t) MR_AVX512 * ((g->k + 3) / 4) * 4;	/* bytes per block of A */
+
+	for (; i0 + MR_AVX512 <= g->m; i0 += MR_AVX512)
+	{
+		prefetch_part(ahead, i0 / MR_AVX512, tiles);
+		tile_int8(g, MR_AVX512, i0, a.q + (size_t) (i0 / MR_AVX512) * block, a.scales, b, n0, cols);
+	}
+	if (i0 == g->m)
+		return;
+	prefetch_part(ahead, tiles - 1, tiles);
+	switch (g->m - i0)
+	{
+#define REST(r) case r: tile_int8(g, r, i0, a.q + (size_t) (i0 / MR_AVX512) * block, a.scales, b, n0, cols); break
+			REST(1);
+			REST(2);
+			REST(3);
+			REST(4);
+			REST(5);
+			REST(6);
+			REST(7);
+			REST(8);
+			REST(9);
+			REST(10);
+			REST(11);
+			REST(12);
+			REST(13);
+#undef REST
+	}
+}
+
 /* ---- the AVX2 path ------------------------------------------------------- */
 
 #define AVX2_TARGET __attribute__((target("avx2,fma")))
@@ -817,39 +1218,60 @@ panel_avx2(const osv_gemm *g, const float *packed_a, const float *packed_b,
 
 /* ---- choosing a path ----------------------------------------------------- */
 
-static void
-pack_a_portable(const osv_gemm *g, int lo, int hi, float *dst)
-{
-	pack_a(g, MR_PORTABLE, lo, hi, dst);
+/*
+ * Each path's entry points at its own MR and NR (the generic packings and
+ * the integer C int8 panel otherwise).
+ */
+#define GENERIC_ENTRIES(suffix, MR, NR) \
+static void \
+pack_a_##suffix(const osv_gemm *g, int lo, int hi, float *dst) \
+{ \
+	pack_a(g, MR, lo, hi, dst); \
+} \
+static void \
+pack_b_##suffix(const osv_gemm *g, int n0, float *dst) \
+{ \
+	pack_b(g, NR, n0, dst); \
+} \
+static void \
+pack_a8_##suffix(const osv_gemm *g, int lo, int hi, int8_a dst) \
+{ \
+	pack_a8(g, MR, lo, hi, dst); \
+} \
+static void \
+panel8_##suffix(const osv_gemm *g, int8_a a, int8_b b, int n0, int cols, prefetch ahead) \
+{ \
+	(void) ahead; \
+	panel8_c(g, MR, NR, a, b, n0, cols); \
 }
 
-static void
-pack_b_portable(const osv_gemm *g, int n0, float *dst)
-{
-	pack_b(g, NR_PORTABLE, n0, dst);
-}
+GENERIC_ENTRIES(portable, MR_PORTABLE, NR_PORTABLE)
 
 static const kernel_path path_portable = {"portable", MR_PORTABLE, NR_PORTABLE, pack_a_portable,
-pack_b_portable, panel_portable, NULL, NULL, NULL};
+	pack_b_portable, panel_portable, NULL, NULL, NULL, pack_a8_portable, panel8_portable};
+
 #ifdef HAVE_X86_KERNELS
+GENERIC_ENTRIES(avx2, MR_AVX2, NR_AVX2)
+/* the AVX-512 path's packings are its own; its int8 panel without VNNI is integer C */
 static void
-pack_a_avx2(const osv_gemm *g, int lo, int hi, float *dst)
+panel8_avx512(const osv_gemm *g, int8_a a, int8_b b, int n0, int cols, prefetch ahead)
 {
-	pack_a(g, MR_AVX2, lo, hi, dst);
+	(void) ahead;
+	panel8_c(g, MR_AVX512, NR_AVX512, a, b, n0, cols);
 }
 
-static void
-pack_b_avx2(const osv_gemm *g, int n0, float *dst)
-{
-	pack_b(g, NR_AVX2, n0, dst);
-}
-
+static const kernel_path path_avx512_bf16_vnni = {"avx512_bf16_vnni", MR_AVX512, NR_AVX512,
+	pack_a_avx512, pack_b_avx512, panel_avx512, pack_a16_avx512, pack_b16_avx512, panel_bf16,
+pack_a8_avx512, panel_int8};
 static const kernel_path path_avx512_bf16 = {"avx512_bf16", MR_AVX512, NR_AVX512, pack_a_avx512,
-pack_b_avx512, panel_avx512, pack_a16_avx512, pack_b16_avx512, panel_bf16};
+	pack_b_avx512, panel_avx512, pack_a16_avx512, pack_b16_avx512, panel_bf16,
+pack_a8_avx512, panel8_avx512};
+static const kernel_path path_avx512_vnni = {"avx512_vnni", MR_AVX512, NR_AVX512, pack_a_avx512,
+	pack_b_avx512, panel_avx512, NULL, NULL, NULL, pack_a8_avx512, panel_int8};
 static const kernel_path path_avx512 = {"avx512", MR_AVX512, NR_AVX512, pack_a_avx512,
-pack_b_avx512, panel_avx512, NULL, NULL, NULL};
+	pack_b_avx512, panel_avx512, NULL, NULL, NULL, pack_a8_avx512, panel8_avx512};
 static const kernel_path path_avx2 = {"avx2", MR_AVX2, NR_AVX2, pack_a_avx2, pack_b_avx2, panel_avx2,
-NULL, NULL, NULL};
+	NULL, NULL, NULL, pack_a8_avx2, panel8_avx2};
 #endif
 
 static const kernel_path *current;
@@ -858,15 +1280,27 @@ static bool
 cpu_runs(osv_kernels which)
 {
 #ifdef HAVE_X86_KERNELS
+	bool		avx512;
+
 	/* __builtin_cpu_supports also checks that the OS saves the registers */
 	__builtin_cpu_init();
-	if (which == OSV_KERNELS_AVX512_BF16)
-		return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma") &&
-			__builtin_cpu_supports("avx512bf16");
-	if (which == OSV_KERNELS_AVX512)
-		return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
-	if (which == OSV_KERNELS_AVX2)
-		return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+	avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
+	switch (which)
+	{
+		case OSV_KERNELS_AVX512_BF16_VNNI:
+			return avx512 && __builtin_cpu_supports("avx512bf16") &&
+				__builtin_cpu_supports("avx512vnni");
+		case OSV_KERNELS_AVX512_BF16:
+			return avx512 && __builtin_cpu_supports("avx512bf16");
+		case OSV_KERNELS_AVX512_VNNI:
+			return avx512 && __builtin_cpu_supports("avx512vnni");
+		case OSV_KERNELS_AVX512:
+			return avx512;
+		case OSV_KERNELS_AVX2:
+			return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+		default:
+			break;
+	}
 #endif
 	return which == OSV_KERNELS_PORTABLE;
 }
@@ -881,16 +1315,29 @@ osv_gemm_use_kernels(osv_kernels which)
 	}
 	if (!cpu_runs(which))
 		return false;
+	switch (which)
+	{
 #ifdef HAVE_X86_KERNELS
-	if (which == OSV_KERNELS_AVX512_BF16)
-		current = &path_avx512_bf16;
-	else if (which == OSV_KERNELS_AVX512)
-		current = &path_avx512;
-	else if (which == OSV_KERNELS_AVX2)
-		current = &path_avx2;
-	else
+		case OSV_KERNELS_AVX512_BF16_VNNI:
+			current = &path_avx512_bf16_vnni;
+			break;
+		case OSV_KERNELS_AVX512_BF16:
+			current = &path_avx512_bf16;
+			break;
+		case OSV_KERNELS_AVX512_VNNI:
+			current = &path_avx512_vnni;
+			break;
+		case OSV_KERNELS_AVX512:
+			current = &path_avx512;
+			break;
+		case OSV_KERNELS_AVX2:
+			current = &path_avx2;
+			break;
 #endif
-		current = &path_portable;
+		default:
+			current = &path_portable;
+			break;
+	}
 	return true;
 }
 
@@ -899,10 +1346,10 @@ path(void)
 {
 	if (current == NULL)
 	{
-		if (!osv_gemm_use_kernels(OSV_KERNELS_AVX512_BF16) &&
-			!osv_gemm_use_kernels(OSV_KERNELS_AVX512) &&
-			!osv_gemm_use_kernels(OSV_KERNELS_AVX2))
-			osv_gemm_use_kernels(OSV_KERNELS_PORTABLE);
+		/* the first the CPU runs, fastest first */
+		for (int which = OSV_KERNELS_AVX512_BF16_VNNI; which <= OSV_KERNELS_PORTABLE; which++)
+			if (osv_gemm_use_kernels((osv_kernels) which))
+				break;
 	}
 	return current;
 }
@@ -915,24 +1362,32 @@ osv_gemm_kernels_name(void)
 
 /* ---- running a product ---------------------------------------------------- */
 
+
+/*
+ * Floats of a thread's B panel: k x NR floats, or for int8 the panel's
+ * bytes (64-byte aligned) then a scale and a sum per column.
+ */
 static size_t
-round_up(size_t x, size_t to)
+b_panel_floats(int k)
 {
-	return (x + to - 1) / to * to;
+	return round_up((size_t) k * NR_MAX + 2 * NR_MAX + 16, 16);
 }
 
 size_t
 osv_gemm_packed_a_floats(int m, int k)
 {
-	/* enough for m rounded up to the MR of any path */
-	return ((size_t) m + MR_MAX - 1) * (size_t) k;
+	/*
+	 * enough for m rounded up to the MR of any path; int8 needs less for the
+	 * values (k rounded up to 4 bytes) but a scale per row after them
+	 */
+	return ((size_t) m + MR_MAX - 1) * ((size_t) k + 3) + (size_t) m + 32;
 }
 
 size_t
 osv_gemm_scratch_floats(int max_m, int max_k)
 {
 	/* a B panel, then (serial use) the packed A; both 64-byte aligned */
-	return round_up((size_t) max_k * NR_MAX, 16) + osv_gemm_packed_a_floats(max_m, max_k);
+	return b_panel_floats(max_k) + osv_gemm_packed_a_floats(max_m, max_k);
 }
 
 /* The weights the panel at column n0 packs, when they are one block of memory. */
@@ -966,6 +1421,11 @@ native_bf16(const osv_gemm *g, const kernel_path *kp)
 static void
 pack_a_blocks(const osv_gemm *g, const kernel_path *kp, int lo, int hi, float *packed_a)
 {
+	if (g->int8)
+	{
+		kp->pack_a8(g, lo, hi, int8_a_in(packed_a, g, kp->mr));
+		return;
+	}
 	if (native_bf16(g, kp))
 	{
 		kp->pack_a16(g, lo, hi, (uint16_t *) packed_a);
@@ -1071,6 +1531,38 @@ panel_of_b(const osv_gemm *g, const kernel_path *kp, int pnl, bool has_next, flo
 	return scratch;
 }
 
+/* Panel pnl of B for int8: in place from a pack cache of width nr, or quantized into scratch. */
+static int8_b
+int8_panel_of_b(const osv_gemm *g, int nr, int pnl, bool has_next, float *scratch,
+				prefetch *ahead)
+{
+	size_t		panel_bytes = (size_t) nr * ((g->k + 3) / 4) * 4;
+
+	*ahead = (prefetch) {NULL, 0};
+	if (g->b_packed8 != NULL && g->b_packed8_nr == nr)
+	{
+		int			panels = (g->n + nr - 1) / nr;
+		const uint8_t *tail = g->b_packed8 + round_up(panel_bytes * panels, 64);
+		const uint8_t *q = g->b_packed8 + panel_bytes * pnl;
+
+		if (has_next)
+			*ahead = (prefetch) {(const char *) (q + panel_bytes), panel_bytes};
+		return (int8_b) {q, (const float *) tail + (size_t) pnl * nr,
+			(const int32_t *) (tail + (size_t) panels * nr * sizeof(float)) + (size_t) pnl * nr};
+	}
+	else
+	{
+		uint8_t    *q = (uint8_t *) scratch;
+		float	   *scales = (float *) (q + round_up(panel_bytes, 64));
+		int32_t    *sums = (int32_t *) (scales + nr);
+
+		pack_b8(g, nr, pnl * nr, q, scales, sums);
+		if (has_next)
+			*ahead = next_panel(g, (pnl + 1) * nr, nr);
+		return (int8_b) {q, scales, sums};
+	}
+}
+
 /* Panels [lo, hi) of C, with the thread's scratch. */
 static void
 run_panels(const osv_gemm *g, const kernel_path *kp, const float *packed_a, int lo, int hi,
@@ -1084,7 +1576,15 @@ run_panels(const osv_gemm *g, const kernel_path *kp, const float *packed_a, int 
 		int			n0 = pnl * nr;
 		int			cols = g->n - n0 < nr ? g->n - n0 : nr;
 		prefetch	ahead;
-		const void *packed_b = panel_of_b(g, kp, pnl, pnl + 1 < hi, scratch, &ahead);
+		const void *packed_b;
+
+		if (g->int8)
+		{
+			kp->panel8(g, int8_a_in((float *) packed_a, g, kp->mr),
+					   int8_panel_of_b(g, nr, pnl, pnl + 1 < hi, scratch, &ahead), n0, cols, ahead);
+			continue;
+		}
+		packed_b = panel_of_b(g, kp, pnl, pnl + 1 < hi, scratch, &ahead);
 
 		if (native_bf16(g, kp))
 			kp->panel16(g, (const uint16_t *) packed_a, packed_b, n0, cols, ahead);
@@ -1144,6 +1644,29 @@ osv_gemm_pack_weight_bf16(const float *w, int n, int k, int nr, uint16_t *dst)
 		pack_b16(&g, nr, n0, dst + (size_t) n0 * ((k + 1) / 2 * 2));
 }
 
+size_t
+osv_gemm_packed_weight_int8_bytes(int n, int k, int nr)
+{
+	size_t		panels = (size_t) (n + nr - 1) / nr;
+
+	return round_up(panels * nr * ((size_t) (k + 3) / 4) * 4, 64) +
+		panels * nr * (sizeof(float) + sizeof(int32_t));
+}
+
+void
+osv_gemm_pack_weight_int8(const float *w, int n, int k, int nr, uint8_t *dst)
+{
+	osv_gemm	g = {.n = n,.k = k,.b = w,.ldb = (size_t) k,.b_is_nk = true};
+	size_t		panels = (size_t) (n + nr - 1) / nr;
+	size_t		panel_bytes = (size_t) nr * ((k + 3) / 4) * 4;
+	float	   *scales = (float *) (dst + round_up(panels * panel_bytes, 64));
+	int32_t    *sums = (int32_t *) (scales + panels * nr);
+
+	/* the same values pack_b8 gives each panel on the fly */
+	for (size_t p = 0; p < panels; p++)
+		pack_b8(&g, nr, (int) p * nr, dst + p * panel_bytes, scales + p * nr, sums + p * nr);
+}
+
 void
 osv_gemm_run(const osv_gemm *g, float *packed_a)
 {
@@ -1157,7 +1680,7 @@ void
 osv_gemm_serial(const osv_gemm *g, float *scratch)
 {
 	const kernel_path *kp = path();
-	float	   *packed_a = scratch + round_up((size_t) g->k * NR_MAX, 16);
+	float	   *packed_a = scratch + b_panel_floats(g->k);
 
 	pack_a_blocks(g, kp, 0, (g->m + kp->mr - 1) / kp->mr, packed_a);
 	run_panels(g, kp, packed_a, 0, (g->n + kp->nr - 1) / kp->nr, scratch);
@@ -1172,7 +1695,7 @@ osv_kernels_name(void)
 const char *
 osv_precision_name(osv_precision precision)
 {
-	return precision == OSV_PRECISION_BF16 ? "bf16" : "fp32";
+	return precision == OSV_PRECISION_BF16 ? "bf16" : precision == OSV_PRECISION_INT8 ? "int8" : "fp32";
 }
 
 bool
@@ -1182,13 +1705,30 @@ osv_precision_parse(const char *name, osv_precision *out)
 		*out = OSV_PRECISION_FP32;
 	else if (name != NULL && strcmp(name, "bf16") == 0)
 		*out = OSV_PRECISION_BF16;
+	else if (name != NULL && strcmp(name, "int8") == 0)
+		*out = OSV_PRECISION_INT8;
 	else
 		return false;
 	return true;
 }
 
+/* The native int8 panel, or NULL in builds without x86 kernels. */
+static panel8_fn
+panel_int8_native(void)
+{
+#ifdef HAVE_X86_KERNELS
+	return panel_int8;
+#else
+	return NULL;
+#endif
+}
+
 bool
 osv_precision_native(osv_precision precision)
 {
-	return precision == OSV_PRECISION_FP32 || path()->panel16 != NULL;
+	if (precision == OSV_PRECISION_BF16)
+		return path()->panel16 != NULL;
+	if (precision == OSV_PRECISION_INT8)
+		return path()->panel8 == panel_int8_native();
+	return true;
 }

@@ -60,19 +60,38 @@ typedef struct osv_gemm
 	 */
 	const uint16_t *b_packed16;
 	int			b_packed16_nr;
+
+	/*
+	 * int8: each row of A and each column of B quantized
+	 * symmetrically to [-127, 127] with its own scale (largest magnitude /
+	 * 127; osv_quantize_int8), A shifted by 128 to unsigned bytes; each
+	 * output is the exact integer sum over k (AVX512_VNNI's vpdpbusd
+	 * natively, integer C elsewhere: the same integers), less 128 times
+	 * its column's sum, converted to float32 and multiplied by the row's
+	 * scale, then the column's; then the epilogue (alpha first).
+	 */
+	bool		int8;
+	/* for int8, b (b_is_nk, ldb == k) quantized and packed (osv_gemm_pack_weight_int8), or NULL */
+	const uint8_t *b_packed8;
+	int			b_packed8_nr;
 } osv_gemm;
 
 /* The kernel paths, fastest first; OSV_KERNELS_AUTO picks from the CPU. */
 typedef enum osv_kernels
 {
 	OSV_KERNELS_AUTO,
-	OSV_KERNELS_AVX512_BF16,	/* the AVX-512 path plus native bf16 products */
+	OSV_KERNELS_AVX512_BF16_VNNI,	/* the AVX-512 path, bf16 and int8 products native */
+	OSV_KERNELS_AVX512_BF16,	/* the AVX-512 path, bf16 products native */
+	OSV_KERNELS_AVX512_VNNI,	/* the AVX-512 path, int8 products native */
 	OSV_KERNELS_AVX512,
 	OSV_KERNELS_AVX2,
 	OSV_KERNELS_PORTABLE
 } osv_kernels;
 
-/* The path the products take now ("avx512_bf16", "avx512", "avx2" or "portable"). */
+/*
+ * The path the products take now: "avx512_bf16_vnni", "avx512_bf16",
+ * "avx512_vnni", "avx512", "avx2" or "portable".
+ */
 const char *osv_gemm_kernels_name(void);
 
 /*
@@ -118,6 +137,22 @@ size_t		osv_gemm_packed_weight_halves(int n, int k, int nr);
  * zero-padded), as vdpbf16ps reads them.
  */
 void		osv_gemm_pack_weight_bf16(const float *w, int n, int k, int nr, uint16_t *dst);
+
+/*
+ * The int8 quantization of n values x (a row of A, or a column of B): the
+ * scale (largest magnitude / 127, 0 for all zeros) and, in q,
+ * nearbyint(x * (127 / largest magnitude)) clamped to [-127, 127].
+ */
+float		osv_quantize_int8(const float *x, size_t stride, int n, int8_t *q);
+
+/*
+ * Bytes of a weight [n, k] quantized and packed for int8 in panels of nr
+ * columns: panel by panel [ceil(k / 4)][nr][4] int8 values (zero-padded),
+ * then (64-byte aligned) a float scale and an int32 sum of the values of
+ * each column, for all the panels' columns.
+ */
+size_t		osv_gemm_packed_weight_int8_bytes(int n, int k, int nr);
+void		osv_gemm_pack_weight_int8(const float *w, int n, int k, int nr, uint8_t *dst);
 
 /* Floats of scratch one thread needs for products with k <= max_k and m <= max_m (serial use). */
 size_t		osv_gemm_scratch_floats(int max_m, int max_k);

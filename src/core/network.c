@@ -394,18 +394,26 @@ linear(osv_context *ctx, int m, const float *a, size_t lda, const float *w,
 	   size_t ldc, void (*post) (float *, int))
 {
 	const osv_model *model = ctx->model;
-	bool		bf16 = ctx->precision == OSV_PRECISION_BF16;
-	const osv_pack_cache *pack = &model->packs[ctx->precision];
+	/* int8 spares the patch embedding, the product with the pixels */
+	osv_precision precision = ctx->precision == OSV_PRECISION_INT8 && packed == OSV_PACKED_PATCH ?
+		OSV_PRECISION_FP32 : ctx->precision;
+	const osv_pack_cache *pack = &model->packs[precision];
 	osv_gemm	g = {
 		.m = m,.n = n,.k = k,.a = a,.lda = lda,.b = w,.ldb = (size_t) k,
 		.b_is_nk = true,.alpha = 1.0f,.bias = bias,.accumulate = accumulate,
-		.c = c,.ldc = ldc,.post = post,.bf16 = bf16
+		.c = c,.ldc = ldc,.post = post,
+		.bf16 = precision == OSV_PRECISION_BF16,.int8 = precision == OSV_PRECISION_INT8
 	};
 
-	if (pack->matrices != NULL && bf16)
+	if (pack->matrices != NULL && g.bf16)
 	{
 		g.b_packed16 = pack->matrices[packed];
 		g.b_packed16_nr = pack->nr;
+	}
+	else if (pack->matrices != NULL && g.int8)
+	{
+		g.b_packed8 = pack->matrices[packed];
+		g.b_packed8_nr = pack->nr;
 	}
 	else if (pack->matrices != NULL)
 	{
@@ -707,7 +715,7 @@ osv_network_forward(osv_context *ctx, int images, const osv_params *params,
 	if (images < 1 || images > ctx->max_images)
 		return osv_fail(err, OSV_ERR_ARGUMENT, "%d images for a run state of %d",
 						images, ctx->max_images);
-	if (params->precision != OSV_PRECISION_FP32 && params->precision != OSV_PRECISION_BF16)
+	if ((int) params->precision < 0 || (int) params->precision >= OSV_NUM_PRECISIONS)
 		return osv_fail(err, OSV_ERR_ARGUMENT, "unknown precision %d", (int) params->precision);
 	ctx->precision = params->precision;
 

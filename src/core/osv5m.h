@@ -117,6 +117,7 @@ typedef struct osv_model_info
 	char		config_path[1024];	/* empty when there is no config.json */
 	char		pack_cache_path[1024];	/* the fp32 pack cache file in use, or empty */
 	char		pack_cache_path_bf16[1024]; /* the bf16 one, or empty */
+	char		pack_cache_path_int8[1024]; /* the int8 one, or empty */
 } osv_model_info;
 
 typedef struct osv_model osv_model;
@@ -127,25 +128,32 @@ typedef bool (*osv_abort_callback) (void *data);
 
 /*
  * The arithmetic of the matrix products with weights (the patch embedding
- * and the six linears of each block).  fp32 is the published model's.  In
- * bf16 the weights and the activations entering those products are
+ * and the six linears of each block).  fp32 is the published model's.
+ * bf16: the weights and the activations entering those products are
  * rounded to bfloat16 (to nearest, ties to even) and the products summed in
- * float32, as AVX512_BF16's vdpbf16ps does, natively where the CPU has it
- * and emulated bit for bit elsewhere; attention, norms, GELU, softmax,
- * residuals and the head stay in float32.  bf16 changes the results.
+ * float32, as AVX512_BF16's vdpbf16ps does.  int8 (the six linears of each
+ * block; the patch embedding stays fp32): each weight row (output channel)
+ * and each activation row (token) entering a product is quantized to 8
+ * bits with its own scale (its largest magnitude maps to 127), the
+ * products are summed exactly in 32-bit integers, as AVX512_VNNI's
+ * vpdpbusd does, then scaled back to float32.  Both are native where the
+ * CPU has the instruction and emulated bit for bit elsewhere; attention,
+ * norms, GELU, softmax, residuals and the head stay in float32.  bf16 and
+ * int8 change the results.
  */
 typedef enum osv_precision
 {
 	OSV_PRECISION_FP32,
-	OSV_PRECISION_BF16
+	OSV_PRECISION_BF16,
+	OSV_PRECISION_INT8
 } osv_precision;
 
-#define OSV_NUM_PRECISIONS 2
+#define OSV_NUM_PRECISIONS 3
 
-/* "fp32" or "bf16". */
+/* "fp32", "bf16" or "int8". */
 const char *osv_precision_name(osv_precision precision);
 
-/* The precision a name spells ("fp32", "bf16"); false if none. */
+/* The precision a name spells ("fp32", "bf16", "int8"); false if none. */
 bool		osv_precision_parse(const char *name, osv_precision *out);
 
 /* Whether this CPU runs the precision's products natively (else emulated). */

@@ -9,14 +9,18 @@
  * panels in place, in order.  A private copy would cost each backend
  * 1.2 GB; the file costs the page cache one copy for all of them.
  *
- * The file: a 4096-byte header (magic, format version, panel width, the
- * weights file's identity, the number of matrices and the file's size),
- * then the matrices in a fixed order (patch embedding, then q, k, v, out,
- * fc1, fc2 of each layer), each [ceil(n / NR)][k][NR] floats, zero-padded,
- * at a 64-byte aligned offset.  Its name is osv5m-pack-<first 24 hex
- * digits of the SHA-256 of that header>.bin: another model, a replaced or
- * touched weights file or another panel width gives another name, so a
- * stale file is never read (remove old ones by hand; the README says so).
+ * One file per precision.  The file: a 4096-byte header (magic, format
+ * version, panel width, precision, the weights file's identity, the number
+ * of matrices and the file's size), then the matrices in a fixed order
+ * (patch embedding, then q, k, v, out, fc1, fc2 of each layer), each at a
+ * 64-byte aligned offset, packed as gemm.h describes: fp32
+ * [ceil(n / NR)][k][NR] floats, zero-padded; bf16 in pairs
+ * (osv_gemm_pack_weight_bf16); int8 quantized, with each column's scale
+ * and sum (osv_gemm_pack_weight_int8).  Its name is osv5m-pack-<first 24
+ * hex digits of the SHA-256 of that header>.bin: another model, a replaced
+ * or touched weights file, another panel width or precision gives another
+ * name, so a stale file is never read (remove old ones by hand; the README
+ * says so).
  *
  * Safety: the directory and the file must belong to this process's user
  * and be writable by no one else, and the file must be a regular file of
@@ -52,7 +56,7 @@ typedef struct pack_header
 	uint32_t	version;
 	uint32_t	nr;
 	uint32_t	matrices;
-	uint32_t	precision;		/* osv_precision: float32 or bf16 pairs */
+	uint32_t	precision;		/* osv_precision: float32, bf16 pairs or int8 quads */
 	/* the weights file's identity */
 	uint64_t	dev,
 				ino,
@@ -109,6 +113,8 @@ lay_out(pack_entry *e, int count, int nr, osv_precision precision)
 	{
 		size_t		bytes = precision == OSV_PRECISION_BF16 ?
 			osv_gemm_packed_weight_halves(e[i].n, e[i].k, nr) * sizeof(uint16_t) :
+			precision == OSV_PRECISION_INT8 ?
+			osv_gemm_packed_weight_int8_bytes(e[i].n, e[i].k, nr) :
 			osv_gemm_packed_weight_floats(e[i].n, e[i].k, nr) * sizeof(float);
 
 		e[i].offset = at;
@@ -182,6 +188,8 @@ write_pack(const char *path, const pack_header *h, const pack_entry *e, int coun
 
 		if (h->precision == OSV_PRECISION_BF16)
 			osv_gemm_pack_weight_bf16(e[i].w, e[i].n, e[i].k, (int) h->nr, (uint16_t *) at);
+		else if (h->precision == OSV_PRECISION_INT8)
+			osv_gemm_pack_weight_int8(e[i].w, e[i].n, e[i].k, (int) h->nr, (uint8_t *) at);
 		else
 			osv_gemm_pack_weight(e[i].w, e[i].n, e[i].k, (int) h->nr, (float *) at);
 	}
@@ -222,11 +230,12 @@ osv_model_use_pack_cache(osv_model *model, const char *dir, osv_precision precis
 	void	   *map;
 	osv_status	status;
 
-	if (precision != OSV_PRECISION_FP32 && precision != OSV_PRECISION_BF16)
+	if ((int) precision < 0 || (int) precision >= OSV_NUM_PRECISIONS)
 		return osv_fail(err, OSV_ERR_ARGUMENT, "unknown precision %d", (int) precision);
 	pack = &model->packs[precision];
-	info_path = precision == OSV_PRECISION_BF16 ? model->info.pack_cache_path_bf16
-		: model->info.pack_cache_path;
+	info_path = precision == OSV_PRECISION_BF16 ? model->info.pack_cache_path_bf16 :
+		precision == OSV_PRECISION_INT8 ? model->info.pack_cache_path_int8 :
+		model->info.pack_cache_path;
 	if (pack->matrices != NULL)
 		return OSV_OK;
 	if (dir == NULL || dir[0] != '/')

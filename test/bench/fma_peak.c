@@ -8,9 +8,10 @@
  * accumulators per thread hide the FMA latency on every x86-64 core of
  * the last ten years (latency 4-5 cycles, 2 FMA ports).
  *
- * Usage: fma_peak [THREADS [SECONDS [fp32|bf16]]]   default 1 thread, 1 s, fp32
+ * Usage: fma_peak [THREADS [SECONDS [fp32|bf16|int8]]]   default 1 thread, 1 s, fp32
  * (bf16: the vdpbf16ps peak of AVX512_BF16 CPUs, each lane's two products
- * counted as two FMAs)
+ * counted as two FMAs; int8: the vpdpbusd peak of AVX512_VNNI CPUs, each
+ * lane's four products counted as four; "gflops" is then GOP/s)
  * Prints one JSON object: {"isa":S,"threads":N,"seconds":S,"gflops":G}
  * where gflops counts an FMA as 2 floating-point operations per lane.
  *
@@ -92,6 +93,44 @@ run_bf16(float *sink)
 	return lanes;
 }
 
+/*
+ * The int8 dot-product peak: vpdpbusd, each lane four products of bytes
+ * into a 32-bit sum (counted as 4 multiply-adds, 8 operations).
+ */
+/* the instruction itself: GCC 12 keeps the intrinsic's accumulators in memory */
+__attribute__((target("avx512f,avx512vnni"), always_inline)) static inline __m512i
+dpbusd(__m512i acc, __m512i a, __m512i b)
+{
+	__asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+	return acc;
+}
+
+__attribute__((target("avx512f,avx512vnni"))) static double
+run_int8(float *sink)
+{
+	__m512i		acc[CHAINS];
+	__m512i		a = _mm512_set1_epi32(0x01010101),
+				b = _mm512_set1_epi32(0x01ff01ff);
+	double		start = now(),
+				lanes = 0;
+	int			out[16];
+
+	for (int i = 0; i < CHAINS; i++)
+		acc[i] = _mm512_set1_epi32(i);
+	do
+	{
+		for (int r = 0; r < ITERS; r++)
+			for (int i = 0; i < CHAINS; i++)
+				acc[i] = dpbusd(acc[i], a, b);
+		lanes += (double) ITERS * CHAINS * 16 * 4;
+	} while (now() - start < seconds_wanted);
+	for (int i = 1; i < CHAINS; i++)
+		acc[0] = _mm512_add_epi32(acc[0], acc[i]);
+	_mm512_storeu_si512(out, acc[0]);
+	*sink = (float) out[0];
+	return lanes;
+}
+
 __attribute__((target("avx2,fma"))) static double
 run_avx2(float *sink)
 {
@@ -125,14 +164,15 @@ typedef struct
 } job;
 
 static int	use_avx512,
-			use_bf16;
+			use_bf16,
+			use_int8;
 
 static void *
 worker(void *arg)
 {
 	job		   *j = arg;
 
-	j->lanes = use_bf16 ? run_bf16(&j->sink) : use_avx512 ? run_avx512(&j->sink) : run_avx2(&j->sink);
+	j->lanes = use_int8 ? run_int8(&j->sink) : use_bf16 ? run_bf16(&j->sink) : use_avx512 ? run_avx512(&j->sink) : run_avx2(&j->sink);
 	return NULL;
 }
 
@@ -149,10 +189,11 @@ main(int argc, char **argv)
 	if (argc > 2)
 		seconds_wanted = atof(argv[2]);
 	use_bf16 = argc > 3 && strcmp(argv[3], "bf16") == 0;
+	use_int8 = argc > 3 && strcmp(argv[3], "int8") == 0;
 	if (threads < 1 || threads > 1024 || seconds_wanted <= 0 ||
-		(argc > 3 && !use_bf16 && strcmp(argv[3], "fp32") != 0))
+		(argc > 3 && !use_bf16 && !use_int8 && strcmp(argv[3], "fp32") != 0))
 	{
-		fprintf(stderr, "usage: fma_peak [THREADS [SECONDS [fp32|bf16]]]\n");
+		fprintf(stderr, "usage: fma_peak [THREADS [SECONDS [fp32|bf16|int8]]]\n");
 		return 2;
 	}
 	__builtin_cpu_init();
@@ -160,6 +201,11 @@ main(int argc, char **argv)
 	if (use_bf16 && !(use_avx512 && __builtin_cpu_supports("avx512bf16")))
 	{
 		fprintf(stderr, "fma_peak: this CPU has no AVX512_BF16\n");
+		return 1;
+	}
+	if (use_int8 && !(use_avx512 && __builtin_cpu_supports("avx512vnni")))
+	{
+		fprintf(stderr, "fma_peak: this CPU has no AVX512_VNNI\n");
 		return 1;
 	}
 	if (!use_avx512 && !(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")))
@@ -181,6 +227,6 @@ main(int argc, char **argv)
 	}
 	elapsed = now() - start;
 	printf("{\"isa\":\"%s\",\"threads\":%d,\"seconds\":%.3f,\"gflops\":%.1f}\n",
-		   use_bf16 ? "avx512_bf16" : use_avx512 ? "avx512" : "avx2", threads, elapsed, 2.0 * lanes / elapsed / 1e9);
+		   use_int8 ? "avx512_vnni" : use_bf16 ? "avx512_bf16" : use_avx512 ? "avx512" : "avx2", threads, elapsed, 2.0 * lanes / elapsed / 1e9);
 	return 0;
 }

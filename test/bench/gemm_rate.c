@@ -10,11 +10,11 @@
  * simulated block has its own weights and there are --layers of them
  * (default 4, 200 MB), more than the caches hold, as in the real model.
  *
- * With --precision bf16, the products are bf16 ones (gemm.h), the weights
- * packed in bf16 pairs.
+ * With --precision bf16 or int8, the products are bf16 or int8 ones
+ * (gemm.h), the weights packed for them.
  *
  * Usage: gemm_rate [--threads N] [--layers L] [--reps R] [--tokens T]
- *                  [--precision fp32|bf16]
+ *                  [--precision fp32|bf16|int8]
  * Prints one JSON object: {"kernels":S,"precision":P,"threads":N,"tokens":T,
  *   "shapes":[{"name":"qkv","gflops":G},...],"gflops":G}
  * ("gflops" at the top: all FLOPs over all seconds), median of R reps.
@@ -96,7 +96,7 @@ main(int argc, char **argv)
 	}
 	if (layers < 1 || layers > 16 || reps < 1 || reps > 64 || t < 1 || threads < 1)
 	{
-		fprintf(stderr, "usage: gemm_rate [--threads N] [--layers 1..16] [--reps 1..64] [--tokens T] [--precision fp32|bf16]\n");
+		fprintf(stderr, "usage: gemm_rate [--threads N] [--layers 1..16] [--reps 1..64] [--tokens T] [--precision fp32|bf16|int8]\n");
 		return 2;
 	}
 	nr = osv_gemm_nr();
@@ -106,7 +106,12 @@ main(int argc, char **argv)
 
 		for (int l = 0; l < layers; l++)
 		{
-			if (precision == OSV_PRECISION_BF16)
+			if (precision == OSV_PRECISION_INT8)
+			{
+				packed[s][l] = aligned_alloc(64, (osv_gemm_packed_weight_int8_bytes(ns[s], ks[s], nr) + 63) / 64 * 64);
+				osv_gemm_pack_weight_int8(w, ns[s], ks[s], nr, packed[s][l]);
+			}
+			else if (precision == OSV_PRECISION_BF16)
 			{
 				packed[s][l] = aligned_alloc(64, osv_gemm_packed_weight_halves(ns[s], ks[s], nr) * sizeof(uint16_t));
 				osv_gemm_pack_weight_bf16(w, ns[s], ks[s], nr, packed[s][l]);
@@ -140,9 +145,14 @@ main(int argc, char **argv)
 				osv_gemm	g = {.m = t,.n = ns[s],.k = ks[s],.a = x,.lda = (size_t) ks[s],
 					.b_is_nk = true,.ldb = (size_t) ks[s],.alpha = 1.0f,.bias = bias[s],
 					.accumulate = s == 1 || s == 3,.c = y,.ldc = (size_t) ns[s],
-				.bf16 = precision == OSV_PRECISION_BF16};
+				.bf16 = precision == OSV_PRECISION_BF16,.int8 = precision == OSV_PRECISION_INT8};
 
-				if (g.bf16)
+				if (g.int8)
+				{
+					g.b_packed8 = packed[s][l];
+					g.b_packed8_nr = nr;
+				}
+				else if (g.bf16)
 				{
 					g.b_packed16 = packed[s][l];
 					g.b_packed16_nr = nr;

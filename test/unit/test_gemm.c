@@ -158,7 +158,8 @@ relative_vs_openblas(const osv_gemm *g, const float *c_before, const float *c)
 	return worst / (scale > 0.0 ? scale : 1.0);
 }
 
-static const char *const path_names[] = {"auto", "avx512_bf16", "avx512", "avx2", "portable"};
+static const char *const path_names[] = {"auto", "avx512_bf16_vnni", "avx512_bf16", "avx512_vnni",
+"avx512", "avx2", "portable"};
 
 /* 0 for a subnormal, as vdpbf16ps flushes its sums. */
 static float
@@ -230,7 +231,7 @@ check_bf16(osv_gemm g, const float *c0, float *want, float *c, float *packed, fl
 	expected_bits_bf16(&g, c0, want);
 	if (g.b_is_nk && g.ldb == (size_t) g.k)
 		packed16 = aligned_alloc(64, (osv_gemm_packed_weight_halves(g.n, g.k, 32) * 2 + 63) / 64 * 64);
-	for (int path = OSV_KERNELS_AVX512_BF16; path <= OSV_KERNELS_PORTABLE; path++)
+	for (int path = OSV_KERNELS_AVX512_BF16_VNNI; path <= OSV_KERNELS_PORTABLE; path++)
 	{
 		if (!osv_gemm_use_kernels((osv_kernels) path))
 			continue;
@@ -283,6 +284,143 @@ check_bf16(osv_gemm g, const float *c0, float *want, float *c, float *packed, fl
 					  "%s bf16: C[%d,%d] = %.9g, the float32 product %.9g: beyond bf16's rounding",
 					  what, i, j, want[(size_t) i * g.ldc + j], exact);
 			}
+}
+
+/* x quantized as gemm.h defines it: the value in [-127, 127], and the scale. */
+static int
+quantized(float x, float largest)
+{
+	float		factor = largest > 0.0f ? 127.0f / largest : 0.0f;
+	float		v = x * factor;
+
+	v = v < -127.0f ? -127.0f : v > 127.0f ? 127.0f : v;
+	return (int) nearbyintf(v);
+}
+
+/*
+ * The int8 product's expected bits, from the definition in gemm.h: each
+ * row of A and column of B quantized with its own scale, the integer sum,
+ * then the scales and the epilogue.
+ */
+static void
+expected_bits_int8(const osv_gemm *g, const float *c_before, float *out, float *a_scale,
+				   float *b_scale)
+{
+	float	   *a_largest = calloc((size_t) g->m, sizeof(float));
+	float	   *b_largest = calloc((size_t) g->n, sizeof(float));
+
+	for (int i = 0; i < g->m; i++)
+		for (int p = 0; p < g->k; p++)
+			a_largest[i] = fmaxf(a_largest[i], fabsf(g->a[(size_t) i * g->lda + p]));
+	for (int j = 0; j < g->n; j++)
+		for (int p = 0; p < g->k; p++)
+			b_largest[j] = fmaxf(b_largest[j], fabsf(b_at(g, p, j)));
+	for (int i = 0; i < g->m; i++)
+	{
+		a_scale[i] = a_largest[i] / 127.0f;
+		for (int j = 0; j < g->n; j++)
+		{
+			long long	acc = 0;
+			float		v;
+
+			b_scale[j] = b_largest[j] / 127.0f;
+			for (int p = 0; p < g->k; p++)
+				acc += (long long) quantized(g->a[(size_t) i * g->lda + p], a_largest[i]) *
+					quantized(b_at(g, p, j), b_largest[j]);
+			v = (float) acc;
+			v = v * a_scale[i];
+			v = v * b_scale[j];
+			if (g->alpha != 1.0f)
+				v = v * g->alpha;
+			if (g->bias != NULL)
+				v = v + g->bias[j];
+			if (g->accumulate)
+				v = c_before[(size_t) i * g->ldc + j] + v;
+			out[(size_t) i * g->ldc + j] = v;
+		}
+		if (g->post != NULL)
+			g->post(out + (size_t) i * g->ldc, g->n);
+	}
+	free(a_largest);
+	free(b_largest);
+}
+
+/*
+ * The int8 products of g on every path, thread count and entry point, and
+ * from weights packed in advance, against the definition's bits; and those
+ * against the float32 product: within the quantization's error (each
+ * value off by at most half its scale) plus the float rounding.
+ */
+static void
+check_int8(osv_gemm g, const float *c0, float *want, float *c, float *packed, float *scratch,
+		   const char *what)
+{
+	size_t		bytes = (size_t) g.m * g.ldc * sizeof(float);
+	uint8_t    *packed8 = NULL;
+	float	   *a_scale = malloc((size_t) g.m * sizeof(float));
+	float	   *b_scale = malloc((size_t) g.n * sizeof(float));
+	osv_error	err;
+
+	g.int8 = true;
+	memcpy(want, c0, bytes);
+	expected_bits_int8(&g, c0, want, a_scale, b_scale);
+	if (g.b_is_nk && g.ldb == (size_t) g.k)
+		packed8 = aligned_alloc(64, (osv_gemm_packed_weight_int8_bytes(g.n, g.k, 32) + 63) / 64 * 64);
+	for (int path = OSV_KERNELS_AVX512_BF16_VNNI; path <= OSV_KERNELS_PORTABLE; path++)
+	{
+		if (!osv_gemm_use_kernels((osv_kernels) path))
+			continue;
+		for (int threads = 1; threads <= 2; threads++)
+		{
+			CHECK(osv_pool_prepare(threads, osv_gemm_scratch_floats(0, g.k) * sizeof(float), &err) == OSV_OK,
+				  "pool: %s", err.message);
+			memcpy(c, c0, bytes);
+			osv_gemm_run(&g, packed);
+			CHECK(memcmp(c, want, bytes) == 0, "%s int8: %s kernels on %d threads are not the definition's bits",
+				  what, path_names[path], threads);
+		}
+		memcpy(c, c0, bytes);
+		osv_gemm_serial(&g, scratch);
+		CHECK(memcmp(c, want, bytes) == 0, "%s int8: %s kernels, serial, are not the definition's bits",
+			  what, path_names[path]);
+		if (packed8 != NULL)
+		{
+			osv_gemm	gp = g;
+
+			gp.b_packed8_nr = osv_gemm_nr();
+			osv_gemm_pack_weight_int8(g.b, g.n, g.k, gp.b_packed8_nr, packed8);
+			gp.b_packed8 = packed8;
+			memcpy(c, c0, bytes);
+			osv_gemm_run(&gp, packed);
+			CHECK(memcmp(c, want, bytes) == 0, "%s int8: %s kernels, weights packed in advance, are not the definition's bits",
+				  what, path_names[path]);
+		}
+	}
+	osv_gemm_use_kernels(OSV_KERNELS_AUTO);
+	free(packed8);
+
+	if (g.alpha == 1.0f && g.bias == NULL && !g.accumulate && g.post == NULL)
+		for (int i = 0; i < g.m; i++)
+			for (int j = 0; j < g.n; j++)
+			{
+				double		exact = 0.0,
+							bound = 0.0;
+
+				for (int p = 0; p < g.k; p++)
+				{
+					double		x = g.a[(size_t) i * g.lda + p],
+								y = b_at(&g, p, j);
+
+					exact += x * y;
+					bound += 0.5 * a_scale[i] * fabs(y) + 0.5 * b_scale[j] * fabs(x) +
+						0.25 * a_scale[i] * b_scale[j] + fabs(x * y) * 0x1p-21;
+				}
+				CHECK(fabs(want[(size_t) i * g.ldc + j] - exact) <= bound + 1e-30,
+					  "%s int8: C[%d,%d] = %.9g, the float32 product %.9g: beyond the quantization's error %.3g",
+					  what, i, j, want[(size_t) i * g.ldc + j], exact, bound);
+			}
+	free(a_scale);
+	free(b_scale);
 }
 
 static void
@@ -349,6 +487,7 @@ check_shape(int m, int n, int k, bool nk, bool bias, bool accumulate, bool post,
 	e = relative_vs_openblas(&g, c0, want);
 	CHECK(e <= 1e-5, "%s: %.3g relative to OpenBLAS", what, e);
 	check_bf16(g, c0, want, c, packed, scratch, what);
+	check_int8(g, c0, want, c, packed, scratch, what);
 
 	free(a);
 	free(b);

@@ -98,26 +98,30 @@ main(void)
 	CHECK(memcmp(want, got, 3 * (size_t) c * sizeof(float)) == 0, "results with the pack cache differ");
 	CHECK(stat(first, &st) == 0 && (st.st_mode & 0777) == 0600, "cache file mode %o", st.st_mode & 0777);
 
-	/* bf16: its own file, the same bits as bf16 packed on the fly; fp32 unchanged */
+	/* bf16 and int8: a file each, the same bits as packed on the fly; fp32 unchanged */
+	for (int p = OSV_PRECISION_BF16; p <= OSV_PRECISION_INT8; p++)
 	{
-		float	   *want16 = malloc(3 * (size_t) c * sizeof(float));
-		const char *path16;
+		float	   *want_p = malloc(3 * (size_t) c * sizeof(float));
+		const char *name = osv_precision_name((osv_precision) p);
+		const char *path_p;
 
-		run_in(m, OSV_PRECISION_BF16, want16);
-		CHECK(memcmp(want16, want, 3 * (size_t) c * sizeof(float)) != 0,
-			  "bf16 gives float32's bits: the precision is not applied");
-		CHECK(osv_model_get_info(m)->pack_cache_path_bf16[0] == '\0', "a bf16 file before it was asked for");
-		CHECK(osv_model_use_pack_cache(m, cache, OSV_PRECISION_BF16, &err) == OSV_OK, "use bf16: %s", err.message);
-		path16 = osv_model_get_info(m)->pack_cache_path_bf16;
-		CHECK(strncmp(path16, cache, strlen(cache)) == 0 && strcmp(path16, first) != 0,
-			  "bf16 cache file \"%s\" (float32's: \"%s\")", path16, first);
-		run_in(m, OSV_PRECISION_BF16, got);
-		CHECK(memcmp(want16, got, 3 * (size_t) c * sizeof(float)) == 0, "bf16 results with the pack cache differ");
+		run_in(m, (osv_precision) p, want_p);
+		CHECK(memcmp(want_p, want, 3 * (size_t) c * sizeof(float)) != 0,
+			  "%s gives float32's bits: the precision is not applied", name);
+		CHECK(osv_model_use_pack_cache(m, cache, (osv_precision) p, &err) == OSV_OK, "use %s: %s", name, err.message);
+		path_p = p == OSV_PRECISION_BF16 ? osv_model_get_info(m)->pack_cache_path_bf16
+			: osv_model_get_info(m)->pack_cache_path_int8;
+		CHECK(strncmp(path_p, cache, strlen(cache)) == 0 && strcmp(path_p, first) != 0,
+			  "%s cache file \"%s\" (float32's: \"%s\")", name, path_p, first);
+		run_in(m, (osv_precision) p, got);
+		CHECK(memcmp(want_p, got, 3 * (size_t) c * sizeof(float)) == 0, "%s results with the pack cache differ", name);
 		run(m, got);
 		CHECK(memcmp(want, got, 3 * (size_t) c * sizeof(float)) == 0,
-			  "float32 results with both caches in use differ");
-		free(want16);
+			  "float32 results with the %s cache in use differ", name);
+		free(want_p);
 	}
+	CHECK(strcmp(osv_model_get_info(m)->pack_cache_path_bf16, osv_model_get_info(m)->pack_cache_path_int8) != 0,
+		  "bf16 and int8 share a file");
 	osv_model_close(m);
 
 	/* reused as it is by the next open */
