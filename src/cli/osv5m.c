@@ -20,9 +20,10 @@
  *       parameters, GFLOP per image, paths, the weights file's format and
  *       SHA-256 ("fingerprint", what sha256sum prints), where the cells
  *       came from, kernels and threads, which precisions this CPU runs
- *       natively ("precisions_native":{"fp32":true,"bf16":B}) and the pack
- *       cache files in use ("pack_cache_path", "pack_cache_path_bf16"; ""
- *       when none: --pack-cache opens the one of --precision)
+ *       natively ("precisions_native":{"fp32":true,"bf16":B,"int8":B}) and
+ *       the pack cache files in use ("pack_cache_path",
+ *       "pack_cache_path_bf16", "pack_cache_path_int8"; "" when none:
+ *       --pack-cache opens the one of --precision)
  *   osv5m convert --model DIR [--quadtree CSV] --out DIR2
  *       writes the model as DIR2/model.safetensors (F32), config.json and
  *       quadtree_10_1000.csv; DIR2 gives bit-identical predictions
@@ -51,7 +52,7 @@
  * once: faster per image, and the same results bit for bit (see
  * src/core/gemm.c).  --precision P (geolocate, embed, bench; default
  * fp32) is the arithmetic of the products with weights, osv_precision:
- * "bf16" changes the results (see osv5m.h).  Exit
+ * "bf16" and "int8" change the results (see osv5m.h).  Exit
  * status: 0, 1 when any file failed, 2 on a usage or
  * model error (with a message on stderr).  --threads defaults to the
  * number of online CPUs.
@@ -121,7 +122,7 @@ print_usage(FILE *out, const char *command)
 	if (strcmp(command, "geolocate") == 0)
 		fputs("usage: osv5m geolocate --model DIR [--quadtree CSV] [--top K] [--threads N]\n"
 			  "                       [--max-pixels N] [--batch N] [--pack-cache DIR]\n"
-			  "                       [--precision fp32|bf16] [--feature] FILE...\n"
+			  "                       [--precision fp32|bf16|int8] [--feature] FILE...\n"
 			  "\n"
 			  "Prints one JSON object per file: file, lat, lon (degrees), cell, probability,\n"
 			  "with --top K the K most likely cells with their own regressed points, and\n"
@@ -138,21 +139,24 @@ print_usage(FILE *out, const char *command)
 			  "  --pack-cache DIR  read the weights packed for the kernels from DIR (a\n"
 			  "                    directory of this user, writable by no one else),\n"
 			  "                    writing them there first when missing\n"
-			  "  --precision P     fp32 (default), or bf16: the weights and the inputs of the\n"
+			  "  --precision P     fp32 (default); bf16: the weights and the inputs of the\n"
 			  "                    patch embedding and the blocks' linear layers rounded to\n"
-			  "                    bfloat16, sums in float32; faster where the CPU has\n"
-			  "                    AVX512_BF16, and the results change slightly\n"
+			  "                    bfloat16, sums in float32; int8: those of the blocks'\n"
+			  "                    linear layers quantized to 8 bits per row, sums in\n"
+			  "                    integers.  Both change the results slightly; they are\n"
+			  "                    native where the CPU has AVX512_BF16 or AVX512_VNNI\n"
+			  "                    (osv5m info: precisions_native), else emulated\n"
 			  "  --feature         also print the feature (needs --batch 1)\n",
 			  out);
 	else if (strcmp(command, "embed") == 0)
 		fputs("usage: osv5m embed --model DIR [--quadtree CSV] [--threads N] [--max-pixels N]\n"
-			  "                   [--pack-cache DIR] [--precision fp32|bf16] FILE...\n"
+			  "                   [--pack-cache DIR] [--precision fp32|bf16|int8] FILE...\n"
 			  "\n"
 			  "Prints one JSON object per file: file and embedding, the image feature (the\n"
 			  "class token of the last transformer block).  --precision as for geolocate.\n", out);
 	else if (strcmp(command, "info") == 0)
 		fputs("usage: osv5m info --model DIR [--quadtree CSV] [--threads N] [--no-fingerprint]\n"
-			  "                  [--pack-cache DIR [--precision fp32|bf16]]\n"
+			  "                  [--pack-cache DIR [--precision fp32|bf16|int8]]\n"
 			  "\n"
 			  "Prints the model's shapes, dtype, cells, size, cost and paths as JSON, with\n"
 			  "the weights file's format and its SHA-256 (\"fingerprint\", as sha256sum\n"
@@ -170,7 +174,7 @@ print_usage(FILE *out, const char *command)
 	else if (strcmp(command, "bench") == 0)
 		fputs("usage: osv5m bench --model DIR [--quadtree CSV] [--iters N] [--warmup N]\n"
 			  "                   [--threads N] [--max-pixels N] [--batch N] [--json]\n"
-			  "                   [--pack-cache DIR] [--precision fp32|bf16] FILE...\n"
+			  "                   [--pack-cache DIR] [--precision fp32|bf16|int8] FILE...\n"
 			  "\n"
 			  "Runs each file N times (default 3) after W warm-up runs (default 1) and\n"
 			  "prints the median seconds per image of each stage and the GFLOP/s reached.\n"
@@ -642,6 +646,8 @@ cmd_info(const options *opt)
 	json_string(stdout, info->pack_cache_path);
 	fputs(",\"pack_cache_path_bf16\":", stdout);
 	json_string(stdout, info->pack_cache_path_bf16);
+	fputs(",\"pack_cache_path_int8\":", stdout);
+	json_string(stdout, info->pack_cache_path_int8);
 	printf(",\"threads\":%d}\n", osv_threads());
 	osv_context_free(ctx);
 	osv_model_close(model);
@@ -953,7 +959,7 @@ main(int argc, char **argv)
 				if (convert)
 					return usage_error(command, "%s", "--precision is not an option of convert");
 				if (!osv_precision_parse(arg, &opt.precision))
-					return usage_error(command, "invalid --precision \"%s\" (fp32 or bf16)", arg);
+					return usage_error(command, "invalid --precision \"%s\" (fp32, bf16 or int8)", arg);
 				break;
 			case OPT_FEATURE:
 				if (!geolocate)

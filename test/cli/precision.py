@@ -78,7 +78,7 @@ def main():
 
     # ---- usage errors
     rc, _, err = tool("geolocate", "--model", MODEL, "--precision", "fp16", files[0])
-    check(rc == 2 and 'invalid --precision "fp16" (fp32 or bf16)' in err,
+    check(rc == 2 and 'invalid --precision "fp16" (fp32, bf16 or int8)' in err,
           "an unknown precision is a usage error", "exit %d, %r" % (rc, err))
     rc, _, err = tool("convert", "--model", MODEL, "--precision", "bf16", "--out", "/nonexistent")
     check(rc == 2 and "--precision is not an option of convert" in err,
@@ -95,7 +95,8 @@ def main():
     info = json.loads(out) if rc == 0 else {}
     native = info.get("precisions_native", {})
     check(native.get("fp32") is True and isinstance(native.get("bf16"), bool) and
-          info.get("pack_cache_path") == "" and info.get("pack_cache_path_bf16") == "",
+          info.get("pack_cache_path") == "" and info.get("pack_cache_path_bf16") == "" and
+          info.get("pack_cache_path_int8") == "",
           "info: precisions_native, no pack cache", "exit %d, %r %r" % (rc, out[-400:], err))
     with tempfile.TemporaryDirectory(prefix="osv5m-precision-") as cache:
         os.chmod(cache, 0o700)
@@ -104,7 +105,8 @@ def main():
         info = json.loads(out) if rc == 0 else {}
         path = info.get("pack_cache_path_bf16", "")
         check(rc == 0 and path.startswith(cache + "/") and os.path.isfile(path) and
-              info.get("pack_cache_path") == "" and "not using" not in err,
+              info.get("pack_cache_path") == "" and info.get("pack_cache_path_int8") == "" and
+              "not using" not in err,
               "info --pack-cache --precision bf16 opens the bf16 file only",
               "exit %d, %r %r" % (rc, out[-400:], err))
 

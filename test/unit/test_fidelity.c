@@ -947,7 +947,7 @@ check_bf16_determinism(const osv_model *model, const char *name, uint8_t **bytes
 	memcpy(feature, one->feature, (size_t) one->hidden * sizeof(float));
 	memcpy(logits, one->logits, (size_t) one->cells * sizeof(float));
 	paths[0] = '\0';
-	for (int path = OSV_KERNELS_AVX512_BF16; path <= OSV_KERNELS_PORTABLE; path++)
+	for (int path = OSV_KERNELS_AUTO + 1; path <= OSV_KERNELS_PORTABLE; path++)
 	{
 		if (!osv_gemm_use_kernels((osv_kernels) path))
 			continue;
@@ -1011,8 +1011,8 @@ check_bf16(const osv_model *model, const char *name)
 
 	for (int i = 0; i < ngolden && ctx != NULL; i++)
 	{
-		char		path[1024],
-					what[1024];
+		char		path[2048],
+					what[2048];
 		osv_safetensors g,
 					g32;
 		const char *image;
