@@ -143,9 +143,9 @@ print_usage(FILE *out, const char *command)
 			  "                    patch embedding and the blocks' linear layers rounded to\n"
 			  "                    bfloat16, sums in float32; int8: those of the blocks'\n"
 			  "                    linear layers quantized to 8 bits per row, sums in\n"
-			  "                    integers.  Both change the results slightly; they are\n"
-			  "                    native where the CPU has AVX512_BF16 or AVX512_VNNI\n"
-			  "                    (osv5m info: precisions_native), else emulated\n"
+			  "                    integers.  Both change the results, and run natively\n"
+			  "                    where the CPU has AVX512_BF16 or AVX512_VNNI (osv5m\n"
+			  "                    info: precisions_native), else emulated, same bits\n"
 			  "  --feature         also print the feature (needs --batch 1)\n",
 			  out);
 	else if (strcmp(command, "embed") == 0)
