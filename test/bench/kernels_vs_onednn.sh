@@ -13,6 +13,12 @@
 # in the machine's load over the run touches all of them alike; the table
 # gives the median over the rounds.  Needs oneDNN's headers and library
 # (Debian: apt-get install -y libdnnl-dev).
+#
+# The environment passes through unchanged.  OMP_WAIT_POLICY matters:
+# Debian's oneDNN runs on GNU OpenMP, whose threads spin a while at each
+# barrier by default; on a machine with more runnable threads than cores
+# that spinning takes the core from the thread being waited for, and
+# OMP_WAIT_POLICY=passive can change oneDNN's 2-thread figures several fold.
 set -eu
 cd "$(dirname "$0")/../.."
 
