@@ -2,33 +2,40 @@
  * osv5m.c: the osv5m command-line tool over the inference core.
  *
  *   osv5m geolocate --model DIR [--quadtree CSV] [--top K] [--threads N]
- *                   [--max-pixels N] [--batch N] FILE...
+ *                   [--max-pixels N] [--batch N] [--precision P] [--feature]
+ *                   FILE...
  *       one JSON object per line and file:
  *       {"file":F,"lat":D,"lon":D,"cell":I,"probability":D[,"top":[
- *        {"cell":I,"probability":D,"lat":D,"lon":D},...]]}
- *       ("top" only with --top K, K >= 1; the default 0 omits it), or for
+ *        {"cell":I,"probability":D,"lat":D,"lon":D},...]][,"feature":[F32,...]]}
+ *       ("top" only with --top K, K >= 1; the default 0 omits it; "feature",
+ *       the hidden_size image feature, only with --feature), or for
  *       a file that fails
  *       {"file":F,"error":MESSAGE,"status":STATUS[,"detail":TEXT]}
  *       where STATUS is osv_status_name(), e.g. "corrupt image".
  *   osv5m embed --model DIR [...] FILE...
  *       {"file":F,"embedding":[F32,...]} (the hidden_size feature)
  *   osv5m info --model DIR [--quadtree CSV] [--threads N] [--no-fingerprint]
+ *              [--pack-cache DIR [--precision P]]
  *       one JSON object: the model's shapes, dtype, cells, file size,
  *       parameters, GFLOP per image, paths, the weights file's format and
  *       SHA-256 ("fingerprint", what sha256sum prints), where the cells
- *       came from, kernels and threads
+ *       came from, kernels and threads, which precisions this CPU runs
+ *       natively ("precisions_native":{"fp32":true,"bf16":B,"int8":B}) and
+ *       the pack cache files in use ("pack_cache_path",
+ *       "pack_cache_path_bf16", "pack_cache_path_int8"; "" when none:
+ *       --pack-cache opens the one of --precision)
  *   osv5m convert --model DIR [--quadtree CSV] --out DIR2
  *       writes the model as DIR2/model.safetensors (F32), config.json and
  *       quadtree_10_1000.csv; DIR2 gives bit-identical predictions
  *   osv5m bench --model DIR [--iters N] [--warmup N] [--threads N]
- *               [--batch N] [--json] FILE...
+ *               [--batch N] [--precision P] [--json] FILE...
  *       runs every file N times (after W unmeasured warm-up runs, default 1)
  *       and prints the median seconds per image of each stage and the
  *       GFLOP/s reached.  With --batch B the files go through the network B
  *       at a time (osv_run_images) and each run's sample is its seconds
  *       divided by its images.  With --json, one object:
- *       {"model":DIR,"kernels":S,"threads":I,"batch":I,"iters":I,
- *        "files":I,"runs":I,
+ *       {"model":DIR,"kernels":S,"precision":S,"native":B,"threads":I,
+ *        "batch":I,"iters":I,"files":I,"runs":I,
  *        "gflop_per_image":D,
  *        "median_s":{"decode":D,"preprocess":D,"backbone":D,"head":D,"total":D},
  *        "min_s":{...same keys...},
@@ -43,7 +50,9 @@
  * and infinities as null.  File names are JSON-escaped (invalid UTF-8 bytes
  * become U+FFFD).  --batch B (default 1) runs the network on B images at
  * once: faster per image, and the same results bit for bit (see
- * src/core/gemm.c).  Exit
+ * src/core/gemm.c).  --precision P (geolocate, embed, bench; default
+ * fp32) is the arithmetic of the products with weights, osv_precision:
+ * "bf16" and "int8" change the results (see osv5m.h).  Exit
  * status: 0, 1 when any file failed, 2 on a usage or
  * model error (with a message on stderr).  --threads defaults to the
  * number of online CPUs.
@@ -81,6 +90,8 @@ typedef struct options
 	int			batch;			/* images per run of the network */
 	bool		json;
 	bool		no_fingerprint;
+	bool		feature;		/* geolocate: print each file's feature too */
+	osv_precision precision;	/* of the products with weights */
 	const char *out_dir;		/* convert */
 	const char *pack_cache;		/* directory of the pack cache, or NULL */
 } options;
@@ -110,10 +121,12 @@ print_usage(FILE *out, const char *command)
 	}
 	if (strcmp(command, "geolocate") == 0)
 		fputs("usage: osv5m geolocate --model DIR [--quadtree CSV] [--top K] [--threads N]\n"
-			  "                       [--max-pixels N] [--batch N] [--pack-cache DIR] FILE...\n"
+			  "                       [--max-pixels N] [--batch N] [--pack-cache DIR]\n"
+			  "                       [--precision fp32|bf16|int8] [--feature] FILE...\n"
 			  "\n"
 			  "Prints one JSON object per file: file, lat, lon (degrees), cell, probability,\n"
-			  "and with --top K the K most likely cells with their own regressed points.\n"
+			  "with --top K the K most likely cells with their own regressed points, and\n"
+			  "with --feature the image feature (as embed prints it).\n"
 			  "A file that cannot be read or decoded prints file, error and status; the\n"
 			  "exit status is then 1.\n"
 			  "\n"
@@ -125,20 +138,33 @@ print_usage(FILE *out, const char *command)
 			  "  --batch N         run the network on N images at a time (default 1)\n"
 			  "  --pack-cache DIR  read the weights packed for the kernels from DIR (a\n"
 			  "                    directory of this user, writable by no one else),\n"
-			  "                    writing them there first when missing\n",
+			  "                    writing them there first when missing\n"
+			  "  --precision P     fp32 (default); bf16: the weights and the inputs of the\n"
+			  "                    patch embedding and the blocks' linear layers rounded to\n"
+			  "                    bfloat16, sums in float32; int8: those of the blocks'\n"
+			  "                    linear layers quantized to 8 bits per row, sums in\n"
+			  "                    integers.  Both change the results, and run natively\n"
+			  "                    where the CPU has AVX512_BF16 or AVX512_VNNI (osv5m\n"
+			  "                    info: precisions_native), else emulated, same bits\n"
+			  "  --feature         also print the feature (needs --batch 1)\n",
 			  out);
 	else if (strcmp(command, "embed") == 0)
 		fputs("usage: osv5m embed --model DIR [--quadtree CSV] [--threads N] [--max-pixels N]\n"
-			  "                   [--pack-cache DIR] FILE...\n"
+			  "                   [--pack-cache DIR] [--precision fp32|bf16|int8] FILE...\n"
 			  "\n"
 			  "Prints one JSON object per file: file and embedding, the image feature (the\n"
-			  "class token of the last transformer block).\n", out);
+			  "class token of the last transformer block).  --precision as for geolocate.\n", out);
 	else if (strcmp(command, "info") == 0)
 		fputs("usage: osv5m info --model DIR [--quadtree CSV] [--threads N] [--no-fingerprint]\n"
+			  "                  [--pack-cache DIR [--precision fp32|bf16|int8]]\n"
 			  "\n"
 			  "Prints the model's shapes, dtype, cells, size, cost and paths as JSON, with\n"
 			  "the weights file's format and its SHA-256 (\"fingerprint\", as sha256sum\n"
-			  "prints it; a few seconds for 1.3 GB; --no-fingerprint leaves it out).\n", out);
+			  "prints it; a few seconds for 1.3 GB; --no-fingerprint leaves it out), the\n"
+			  "precisions this CPU runs natively (\"precisions_native\"; the others are\n"
+			  "emulated, with the same results) and the pack cache files in use: with\n"
+			  "--pack-cache DIR, the one of --precision (default fp32) is opened, and\n"
+			  "written first when missing.\n", out);
 	else if (strcmp(command, "convert") == 0)
 		fputs("usage: osv5m convert --model DIR [--quadtree CSV] --out DIR2\n"
 			  "\n"
@@ -148,13 +174,14 @@ print_usage(FILE *out, const char *command)
 	else if (strcmp(command, "bench") == 0)
 		fputs("usage: osv5m bench --model DIR [--quadtree CSV] [--iters N] [--warmup N]\n"
 			  "                   [--threads N] [--max-pixels N] [--batch N] [--json]\n"
-			  "                   [--pack-cache DIR] FILE...\n"
+			  "                   [--pack-cache DIR] [--precision fp32|bf16|int8] FILE...\n"
 			  "\n"
 			  "Runs each file N times (default 3) after W warm-up runs (default 1) and\n"
 			  "prints the median seconds per image of each stage and the GFLOP/s reached.\n"
 			  "With --batch B, the files go through the network B at a time.  With\n"
 			  "--pack-cache DIR, the weights packed for the kernels are read from (and\n"
-			  "first written to) DIR, as osv5m.pack_cache_dir does in the server.\n", out);
+			  "first written to) DIR, as osv5m.pack_cache_dir does in the server; each\n"
+			  "precision has its own file there.  --precision as for geolocate.\n", out);
 	else
 		fputs(usage_text, out);
 }
@@ -319,7 +346,7 @@ open_model(const options *opt, osv_model **model, osv_context **ctx)
 		return false;
 	}
 	if (opt->pack_cache != NULL &&
-		osv_model_use_pack_cache(*model, opt->pack_cache, OSV_PRECISION_FP32, &err) != OSV_OK)
+		osv_model_use_pack_cache(*model, opt->pack_cache, opt->precision, &err) != OSV_OK)
 		fprintf(stderr, "osv5m: not using the pack cache: %s\n", err.message);
 	if (osv_context_new_batch(*model, opt->batch, ctx, &err) != OSV_OK)
 	{
@@ -342,6 +369,7 @@ run_file(osv_context *ctx, const options *opt, const char *file)
 	osv_status	status;
 
 	params.max_pixels = opt->max_pixels;
+	params.precision = opt->precision;
 	if (osv_read_file(file, MAX_FILE_BYTES, &data, &size, &err) != OSV_OK)
 	{
 		json_file_error(file, &err);
@@ -384,6 +412,20 @@ print_candidate(const osv_prediction *p)
 	fputc('}', stdout);
 }
 
+/* Print the dim floats of a feature as a JSON array. */
+static void
+print_feature(const float *feature, int dim)
+{
+	fputc('[', stdout);
+	for (int j = 0; j < dim; j++)
+	{
+		if (j > 0)
+			fputc(',', stdout);
+		json_float(stdout, feature[j]);
+	}
+	fputc(']', stdout);
+}
+
 /*
  * Geolocate the files in runs of up to opt->batch images (osv_run_images),
  * printing one line per file in file order.
@@ -404,6 +446,7 @@ cmd_geolocate(const options *opt, int nfiles, char **files)
 	bool		failed = false;
 
 	params.max_pixels = opt->max_pixels;
+	params.precision = opt->precision;
 	if (data == NULL || sizes == NULL || errs == NULL || read_errs == NULL || which == NULL ||
 		(opt->top > 0 && (top = calloc((size_t) opt->top, sizeof(*top))) == NULL))
 	{
@@ -470,6 +513,13 @@ cmd_geolocate(const options *opt, int nfiles, char **files)
 				}
 				fputc(']', stdout);
 			}
+			if (opt->feature)
+			{
+				/* the context keeps the feature of a run's first image only: --batch 1 */
+				fputs(",\"feature\":", stdout);
+				print_feature(osv_context_feature(ctx),
+							  osv_model_get_info(model)->hidden_size);
+			}
 			fputs("}\n", stdout);
 		}
 		fflush(stdout);
@@ -512,14 +562,9 @@ cmd_embed(const options *opt, int nfiles, char **files)
 		feature = osv_context_feature(ctx);
 		fputs("{\"file\":", stdout);
 		json_string(stdout, files[i]);
-		fputs(",\"embedding\":[", stdout);
-		for (int j = 0; j < dim; j++)
-		{
-			if (j > 0)
-				fputc(',', stdout);
-			json_float(stdout, feature[j]);
-		}
-		fputs("]}\n", stdout);
+		fputs(",\"embedding\":", stdout);
+		print_feature(feature, dim);
+		fputs("}\n", stdout);
 		fflush(stdout);
 	}
 	osv_context_free(ctx);
@@ -593,6 +638,16 @@ cmd_info(const options *opt)
 		printf(",\"fingerprint\":\"sha256:%s\"", osv_model_fingerprint(model));
 	fputs(",\"kernels\":", stdout);
 	json_string(stdout, osv_kernels_name());
+	fputs(",\"precisions_native\":{", stdout);
+	for (int p = 0; p < OSV_NUM_PRECISIONS; p++)
+		printf("%s\"%s\":%s", p > 0 ? "," : "", osv_precision_name((osv_precision) p),
+			   osv_precision_native((osv_precision) p) ? "true" : "false");
+	fputs("},\"pack_cache_path\":", stdout);
+	json_string(stdout, info->pack_cache_path);
+	fputs(",\"pack_cache_path_bf16\":", stdout);
+	json_string(stdout, info->pack_cache_path_bf16);
+	fputs(",\"pack_cache_path_int8\":", stdout);
+	json_string(stdout, info->pack_cache_path_int8);
 	printf(",\"threads\":%d}\n", osv_threads());
 	osv_context_free(ctx);
 	osv_model_close(model);
@@ -672,6 +727,7 @@ cmd_bench(const options *opt, int nfiles, char **files)
 		return EXIT_USAGE;
 	info = osv_model_get_info(model);
 	params.max_pixels = opt->max_pixels;
+	params.precision = opt->precision;
 
 	data = calloc((size_t) nfiles, sizeof(*data));
 	sizes = calloc((size_t) nfiles, sizeof(*sizes));
@@ -745,6 +801,9 @@ cmd_bench(const options *opt, int nfiles, char **files)
 			json_string(stdout, opt->model_dir);
 			fputs(",\"kernels\":", stdout);
 			json_string(stdout, osv_kernels_name());
+			printf(",\"precision\":\"%s\",\"native\":%s",
+				   osv_precision_name(opt->precision),
+				   osv_precision_native(opt->precision) ? "true" : "false");
 			printf(",\"threads\":%d,\"batch\":%d,\"iters\":%d,\"files\":%d,\"runs\":%d",
 				   osv_threads(), opt->batch, opt->iters, nfiles, runs);
 			fputs(",\"gflop_per_image\":", stdout);
@@ -769,8 +828,11 @@ cmd_bench(const options *opt, int nfiles, char **files)
 		}
 		else
 		{
-			printf("model %s: %.3f GFLOP/image, kernels %s, %d thread(s), %d image(s) per run, %d run(s)\n",
+			printf("model %s: %.3f GFLOP/image, kernels %s, %s products (%s), %d thread(s), "
+				   "%d image(s) per run, %d run(s)\n",
 				   opt->model_dir, info->gflop_per_image, osv_kernels_name(),
+				   osv_precision_name(opt->precision),
+				   osv_precision_native(opt->precision) ? "native" : "emulated",
 				   osv_threads(), opt->batch, runs);
 			printf("%-12s %12s %12s\n", "stage", "median ms", "min ms");
 			for (int s = 0; s < NSTAGES; s++)
@@ -812,7 +874,7 @@ main(int argc, char **argv)
 	{
 		OPT_MODEL = 256, OPT_QUADTREE, OPT_TOP, OPT_THREADS, OPT_MAX_PIXELS,
 		OPT_ITERS, OPT_WARMUP, OPT_BATCH, OPT_JSON, OPT_HELP, OPT_OUT,
-		OPT_NO_FINGERPRINT, OPT_PACK_CACHE
+		OPT_NO_FINGERPRINT, OPT_PACK_CACHE, OPT_PRECISION, OPT_FEATURE
 	};
 	static const struct option longopts[] = {
 		{"model", required_argument, NULL, OPT_MODEL},
@@ -827,6 +889,8 @@ main(int argc, char **argv)
 		{"out", required_argument, NULL, OPT_OUT},
 		{"no-fingerprint", no_argument, NULL, OPT_NO_FINGERPRINT},
 		{"pack-cache", required_argument, NULL, OPT_PACK_CACHE},
+		{"precision", required_argument, NULL, OPT_PRECISION},
+		{"feature", no_argument, NULL, OPT_FEATURE},
 		{"help", no_argument, NULL, OPT_HELP},
 		{NULL, 0, NULL, 0}
 	};
@@ -871,6 +935,7 @@ main(int argc, char **argv)
 	opt.iters = 3;
 	opt.warmup = 1;
 	opt.batch = 1;
+	opt.precision = OSV_PRECISION_FP32;
 
 	/* options after the command; "--" ends them; ':' reports a missing value */
 	optind = 2;
@@ -889,6 +954,17 @@ main(int argc, char **argv)
 				break;
 			case OPT_PACK_CACHE:
 				opt.pack_cache = arg;
+				break;
+			case OPT_PRECISION:
+				if (convert)
+					return usage_error(command, "%s", "--precision is not an option of convert");
+				if (!osv_precision_parse(arg, &opt.precision))
+					return usage_error(command, "invalid --precision \"%s\" (fp32, bf16 or int8)", arg);
+				break;
+			case OPT_FEATURE:
+				if (!geolocate)
+					return usage_error(command, "%s", "--feature is an option of geolocate only");
+				opt.feature = true;
 				break;
 			case OPT_TOP:
 				if (!geolocate)
@@ -954,6 +1030,8 @@ main(int argc, char **argv)
 	}
 	if (opt.model_dir == NULL)
 		return usage_error(command, "%s", "--model DIR is required");
+	if (opt.feature && opt.batch != 1)
+		return usage_error(command, "%s", "--feature needs --batch 1");
 	if ((info || convert) && optind < argc)
 		return usage_error(command, "unexpected argument \"%s\"", argv[optind]);
 	if (convert && opt.out_dir == NULL)

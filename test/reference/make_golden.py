@@ -2,7 +2,9 @@
 """
 make_golden.py: runs the PyTorch reference (reference.py) on every test model
 in test/models and the test images in test/data/images, and stores what it
-computes in test/golden/models/<model>/<image file name>.safetensors.
+computes in test/golden/models/<model>/<image file name>.safetensors, and
+for the models of BF16_MODELS what its bf16 mode computes (reference.py,
+precision "bf16") in test/golden/models/<model>/bf16/<image>.safetensors.
 
 Each golden file holds:
   pixels       F32 [3, S, S]  the preprocessed image (see below)
@@ -23,7 +25,11 @@ Invariants (to keep the repository small, under 8 MB of golden data):
     subset only in tiny-gelu; tiny-f16 shares tiny-gelu's transform (same
     size, mean and std) and stores no pixels.  __metadata__ "pixels" says
     "stored" or names where to find them ("omitted" otherwise);
-  - images that PIL cannot open (the malformed fixtures) are skipped.
+  - images that PIL cannot open (the malformed fixtures) are skipped;
+  - bf16 goldens exist for the models of BF16_MODELS only, on the subset,
+    with the same tensors but no pixels (the preprocessing does not depend
+    on the precision): __metadata__ "pixels" is "same as <model>", whose
+    fp32 golden of the image stores them, and "precision" is "bf16".
 
 Usage: make_golden.py [--check] [--models DIR] [--images DIR] [--out DIR]
   --check  recompute and compare with the stored files instead of writing
@@ -49,6 +55,8 @@ NO_PIXELS_MODELS = {"tiny-f16": "same as tiny-gelu", "tiny-f16-pt": "same as tin
                     "tiny-gelu-pt": "same as tiny-gelu", "tiny-bf16-pt": "same as tiny-bf16",
                     "tiny-quickgelu-pt": "same as tiny-quickgelu"}
 SUBSET_SIZE = 10
+# Models with bf16 goldens: the two activations, two image sizes and shapes.
+BF16_MODELS = ("tiny-gelu", "tiny-quickgelu")
 # Taken into the subset first when present: the broadest mix of decoder paths
 # (CMYK, EXIF, transparency, 16-bit, 1 x 1 upscaling, an extreme aspect ratio).
 PREFERRED = ["jpeg_420_640x480.jpg", "jpeg_cmyk_320x240.jpg", "jpeg_exif_rotated_300x200.jpg",
@@ -158,6 +166,24 @@ def main():
     print("subset: %s" % ", ".join(subset))
     problems = []
     total = 0
+
+    def store(path, tensors, metadata):
+        """Write one golden file, or with --check compare it with the stored one."""
+        nonlocal problems, total
+        if args.check:
+            problems += compare(path, tensors) if os.path.exists(path) else ["%s: missing" % path]
+        else:
+            write_safetensors(path, tensors, metadata)
+            total += os.path.getsize(path)
+
+    def remove_stale(out_dir, names):
+        """Remove the golden files of images that are gone."""
+        if args.check:
+            return
+        for old in os.listdir(out_dir):
+            if old.endswith(".safetensors") and old[:-len(".safetensors")] not in names:
+                os.unlink(os.path.join(out_dir, old))
+
     for model in sorted(os.listdir(args.models)):
         model_dir = os.path.join(args.models, model)
         if not (os.path.isfile(os.path.join(model_dir, "model.safetensors")) or
@@ -182,20 +208,23 @@ def main():
             gaps = -np.diff(np.sort(res["logits"])[::-1][:TOP_K + 1])
             if len(gaps) and gaps.min() < 1e-3:
                 small_margins.append("%s (%.2g at rank %d)" % (name, gaps.min(), int(np.argmin(gaps)) + 1))
-            path = os.path.join(out_dir, name + ".safetensors")
-            if args.check:
-                problems += compare(path, tensors) if os.path.exists(path) else ["%s: missing" % path]
-            else:
-                write_safetensors(path, tensors, {"image": name, "model": model, "pixels": note})
-                total += os.path.getsize(path)
-        if not args.check:
-            # Remove golden files of images that are gone.
-            for old in os.listdir(out_dir):
-                if old.endswith(".safetensors") and old[:-len(".safetensors")] not in names:
-                    os.unlink(os.path.join(out_dir, old))
+            store(os.path.join(out_dir, name + ".safetensors"), tensors,
+                  {"image": name, "model": model, "pixels": note})
+        remove_stale(out_dir, names)
         print("%s: %d images%s" % (model, len(names),
                                     ", top-k logit gaps < 1e-3: " + ", ".join(small_margins)
                                     if small_margins else ""))
+        if model in BF16_MODELS:
+            bf16 = reference.Reference(model_dir, precision="bf16")
+            bf16_dir = os.path.join(out_dir, "bf16")
+            os.makedirs(bf16_dir, exist_ok=True)
+            for name in subset:
+                res = bf16.run(os.path.join(args.images, name), TOP_K)
+                store(os.path.join(bf16_dir, name + ".safetensors"), golden_tensors(res, False),
+                      {"image": name, "model": model, "precision": "bf16",
+                       "pixels": "same as %s" % model})
+            remove_stale(bf16_dir, subset)
+            print("%s bf16: %d images" % (model, len(subset)))
     if args.check:
         for p in problems:
             print(p)

@@ -11,6 +11,13 @@ torchvision transforms of the authors' test transform.
 
 Invariants:
   - the network runs in float32 on the CPU under torch.no_grad();
+  - precision "bf16" (Reference(..., precision="bf16"), --precision bf16)
+    changes only the matrix products with a weight matrix: the patch
+    embedding and each block's q, k, v, out_proj, fc1 and fc2.  Their
+    weights and the activations entering them are rounded to bfloat16 (to
+    nearest, ties to even) and the products computed in float32, biases
+    added in float32.  Attention, norms, activations, residuals and the
+    whole head stay float32 (osv5m.h, osv_precision);
   - F16 and BF16 weights are widened to float32 exactly (every such value is
     representable), so the computation uses the stored values;
   - the head's geometry (tanh, quadtree, degrees) and the softmax are done in
@@ -18,9 +25,10 @@ Invariants:
   - ties in the argmax and in the top-k go to the lower cell index.
 
 Usage as a tool:
-  reference.py geolocate --model DIR [--quadtree CSV] [--threads N] [--top K] FILE...
-  reference.py embed --model DIR FILE...
-  reference.py info --model DIR
+  reference.py geolocate --model DIR [--quadtree CSV] [--threads N] [--top K]
+                         [--precision fp32|bf16] FILE...
+  reference.py embed --model DIR [--precision fp32|bf16] FILE...
+  reference.py info --model DIR [--precision fp32|bf16]
 """
 
 import argparse
@@ -40,6 +48,7 @@ from PIL import Image
 DEFAULT_MEAN = (0.48145466, 0.4578275, 0.40821073)
 DEFAULT_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_QUADTREE = "quadtree_10_1000.csv"
+PRECISIONS = ("fp32", "bf16")
 
 
 # ---- safetensors ---------------------------------------------------------
@@ -287,6 +296,35 @@ class Network(nn.Module):
         return feature, self.classif(f)[0], self.reg(f)[0]
 
 
+def round_bf16(t):
+    """t rounded to the nearest bfloat16 (ties to even), as float32 again.
+
+    torch's float32 -> bfloat16 conversion rounds to nearest even; every
+    bfloat16 is a float32, so the way back is exact.
+    """
+    return t.to(torch.bfloat16).to(torch.float32)
+
+
+def _round_input(module, inputs):
+    """Forward pre-hook: the product's input, rounded to bfloat16."""
+    return tuple(round_bf16(x) for x in inputs)
+
+
+def use_bf16_products(net):
+    """Make net's matrix products with weights bf16 products: round their
+    weights now and their inputs on every call; the products themselves,
+    of values that are all bfloat16, are then exact in float32 and summed
+    in float32.  Biases, and every other module, are left as they are."""
+    products = [net.patch_embedding]
+    for layer in net.layers:
+        attn = layer.self_attn
+        products += [attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj, layer.fc1, layer.fc2]
+    with torch.no_grad():
+        for module in products:
+            module.weight.copy_(round_bf16(module.weight))
+            module.register_forward_pre_hook(_round_input)
+
+
 # ---- loading -------------------------------------------------------------------
 
 def find_prefixes(names):
@@ -324,8 +362,11 @@ def read_pytorch(path):
 class Reference:
     """A loaded model directory: the network, its hyperparameters and the quadtree."""
 
-    def __init__(self, model_dir, quadtree=None):
+    def __init__(self, model_dir, quadtree=None, precision="fp32"):
+        if precision not in PRECISIONS:
+            raise ValueError("unknown precision %s (fp32 or bf16)" % precision)
         self.dir = model_dir
+        self.precision = precision
         st_path = os.path.join(model_dir, "model.safetensors")
         if os.path.exists(st_path):
             w, self.metadata = read_safetensors(st_path)
@@ -412,6 +453,8 @@ class Reference:
                 for idx, wshape in shapes.items():
                     seq[idx].weight.copy_(get(bp + "%d.weight" % idx, wshape))
                     seq[idx].bias.copy_(get(bp + "%d.bias" % idx, (wshape[0],)))
+        if precision == "bf16":
+            use_bf16_products(net)
         self.net = net.eval()
 
         # The quadtree: an explicit path, else config's base name, else the default.
@@ -503,15 +546,17 @@ def main(argv=None):
         sp.add_argument("--model", required=True, help="model directory")
         sp.add_argument("--quadtree", help="quadtree CSV (default: from the model directory)")
         sp.add_argument("--threads", type=int, default=0, help="torch intra-op threads")
+        sp.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="arithmetic of the products with weights (default fp32)")
         if name != "info":
             sp.add_argument("--top", type=int, default=1, help="cells to print")
             sp.add_argument("files", nargs="+")
     args = ap.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    ref = Reference(args.model, args.quadtree)
+    ref = Reference(args.model, args.quadtree, args.precision)
     if args.cmd == "info":
-        print(json.dumps(dict(ref.h, quadtree=ref.quadtree_path)))
+        print(json.dumps(dict(ref.h, quadtree=ref.quadtree_path, precision=ref.precision)))
         return 0
     for path in args.files:
         t0 = time.perf_counter()

@@ -14,6 +14,10 @@
  * 3 threads, gives bitwise the same outputs) and the edge cases
  * of the result accessors.  Each model's images also go through the batch
  * path, osv_run_images, with a non-image among them (check_batches).
+ * Models with bf16 golden files (test/golden/models/<name>/bf16/, the
+ * reference's bf16 mode) are also run with osv_params.precision =
+ * OSV_PRECISION_BF16 and compared with those, with their own tolerances,
+ * and with the fp32 goldens, which they must not match (check_bf16).
  *
  * With no models or no golden files the test fails: it must never pass
  * without having compared anything.  Run from the repository root.
@@ -164,14 +168,15 @@ relative_error(const float *a, const float *b, size_t n)
 
 /*
  * Error of a predicted point against the reference's, as a fraction of its
- * tolerance (<= 1 passes).  The tolerance is LATLON_TOL plus what the
- * regression tolerance allows: a regression error delta moves the point by
+ * tolerance (<= 1 passes), for a regression known to reg_rtol (relative to
+ * its RMS).  The tolerance is LATLON_TOL plus what the regression
+ * tolerance allows: a regression error delta moves the point by
  * up to scale_tanh * delta * (the cell's extent), which in a large cell of
  * a tiny test model exceeds 1e-4 degrees for float32 rounding alone.
  */
 static double
-point_error(const osv_context *ctx, const osv_prediction *p, const double *ref,
-			const float *ref_reg)
+point_error_rtol(const osv_context *ctx, const osv_prediction *p, const double *ref,
+				 const float *ref_reg, double reg_rtol)
 {
 	const osv_cell *cell = &ctx->model->cells[p->cell];
 	double		rms = 0.0,
@@ -183,10 +188,18 @@ point_error(const osv_context *ctx, const osv_prediction *p, const double *ref,
 	for (size_t i = 0; i < n; i++)
 		rms += (double) ref_reg[i] * ref_reg[i];
 	rms = sqrt(rms / (double) n);
-	delta = LOGITS_RTOL * rms;
+	delta = reg_rtol * rms;
 	tol_lat = LATLON_TOL + ctx->model->info.scale_tanh * delta * (cell->max_lat - cell->min_lat);
 	tol_lon = LATLON_TOL + ctx->model->info.scale_tanh * delta * (cell->max_lon - cell->min_lon);
 	return fmax(fabs(p->lat - ref[0]) / tol_lat, fabs(p->lon - ref[1]) / tol_lon);
+}
+
+/* The same with the fp32 tolerance of the regression. */
+static double
+point_error(const osv_context *ctx, const osv_prediction *p, const double *ref,
+			const float *ref_reg)
+{
+	return point_error_rtol(ctx, p, ref, ref_reg, LOGITS_RTOL);
 }
 
 /*
@@ -721,12 +734,385 @@ done:
 	free(reg);
 }
 
+/* ---- bf16 ------------------------------------------------------------------ */
+
+/*
+ * bf16 runs (osv_params.precision = OSV_PRECISION_BF16) against the
+ * reference's bf16 mode, test/golden/models/<model>/bf16/<image>.safetensors.
+ *
+ * Both round the same float32 values to bfloat16 and multiply them exactly,
+ * but sum the products in another order, so a product's outputs differ by
+ * float32 rounding.  That alone would give errors near 1e-6, as in fp32;
+ * but those outputs, after a norm or an activation, are rounded to
+ * bfloat16 again on entering the next product, and a value that lies
+ * within a float32 rounding of a point halfway between two bfloat16 values
+ * goes to one neighbour here and to the other there: one bfloat16 step,
+ * 2^-8 to 2^-7 of the value, 65536 times the float32 difference that
+ * decided it.  Every product has tens of thousands of inputs, so some
+ * images see a few such flips and others none: then the feature agrees to
+ * about 1e-7, else to about 1e-3.  Measured (10 images each, the same
+ * bits on the AVX512_BF16, AVX-512, AVX2 and portable paths): 4 of
+ * tiny-gelu's images and 6 of tiny-quickgelu's flipped; the worst feature
+ * error was 1.27e-3, logits 2.19e-3, regression 2.99e-3, top-1
+ * probability 9.7e-4, the point 0.25 of the tolerance below; the bf16
+ * features were 2.3e-3 to 4.3e-3 from the fp32 reference's (cosine
+ * >= 0.999991).  A flip is one bfloat16 step of one value, so a larger
+ * error takes more flips, and the error grows about as their square root:
+ * the tolerances are 2 to 2.7 times the worst seen, room for four to seven
+ * times as many flips as in the worst image.
+ *
+ * That leaves a single image's tolerance near its whole distance to fp32
+ * (the worst image's error was 0.43 of it), so what shows that bf16 ran
+ * is elsewhere: every image must be BF16_MIN_DISTANCE from the fp32
+ * reference (4.6 times below the nearest seen, 5 times above what
+ * FEATURE_RTOL lets fp32 be off by), and over a model's images the summed
+ * error must stay under BF16_ERROR_SHARE of the summed distance (0.04 and
+ * 0.19 seen, 0.43 for the worst image alone; a run that computed fp32
+ * instead fails both, its distances being float32 rounding, and most
+ * images' BF16_FEATURE_RTOL too).
+ */
+#define BF16_FEATURE_RTOL 3e-3
+#define BF16_LOGITS_RTOL 6e-3	/* logits and regression; the point follows */
+#define BF16_PROB_TOL 2.5e-3	/* top-1 probability, absolute */
+#define BF16_ERROR_SHARE 0.5	/* sum of errors / sum of distances to fp32 */
+#define BF16_MIN_DISTANCE 5e-4	/* feature relative distance to fp32, each image */
+#define BF16_MIN_COSINE 0.9999	/* of the bf16 and fp32 features, each image */
+
+/* What the bf16 runs of one model came to. */
+typedef struct bf16_stats
+{
+	int			runs;			/* image and pixel runs compared */
+	int			images;
+	double		feature;		/* max relative error against the bf16 reference */
+	double		logits;
+	double		regression;
+	double		latlon;			/* max degrees, top-1 point */
+	double		probability;	/* max abs, top-1 probability */
+	double		error_sum;		/* of the feature errors against the bf16 reference */
+	double		distance_sum;	/* of the feature distances to the fp32 reference */
+	double		min_distance;
+	double		max_distance;
+	double		min_cosine;
+} bf16_stats;
+
+/* cos(a, b) in double. */
+static double
+cosine(const float *a, const float *b, size_t n)
+{
+	double		ab = 0.0,
+				aa = 0.0,
+				bb = 0.0;
+
+	for (size_t i = 0; i < n; i++)
+	{
+		ab += (double) a[i] * b[i];
+		aa += (double) a[i] * a[i];
+		bb += (double) b[i] * b[i];
+	}
+	return aa > 0.0 && bb > 0.0 ? ab / sqrt(aa * bb) : 0.0;
+}
+
+/*
+ * Compare the outputs of the context's last (bf16) run with the bf16
+ * golden file g, and its feature with the fp32 golden file fp32.
+ */
+static void
+compare_bf16(osv_context *ctx, const osv_safetensors *g, const osv_safetensors *fp32,
+			 const char *what, bf16_stats *s)
+{
+	int			d = ctx->hidden,
+				c = ctx->cells;
+	const osv_tensor *feature = golden_tensor(g, "feature", OSV_DTYPE_F32, d, what);
+	const osv_tensor *logits = golden_tensor(g, "logits", OSV_DTYPE_F32, c, what);
+	const osv_tensor *reg = golden_tensor(g, "regression", OSV_DTYPE_F32, 2 * (uint64_t) c, what);
+	const osv_tensor *cell = golden_tensor(g, "cell", OSV_DTYPE_I64, 1, what);
+	const osv_tensor *latlon = golden_tensor(g, "latlon", OSV_DTYPE_F64, 2, what);
+	const osv_tensor *tprobs = golden_tensor(g, "topk_probs", OSV_DTYPE_F64, 0, what);
+	const osv_tensor *feature32 = golden_tensor(fp32, "feature", OSV_DTYPE_F32, d, what);
+	osv_prediction top;
+	double		e,
+				distance,
+				cos;
+
+	CHECK(feature && logits && reg && cell && latlon && tprobs && tprobs->num_elements >= 1 &&
+		  feature32, "%s: a golden tensor is missing or malformed", what);
+	CHECK(ctx->has_result, "%s: no result", what);
+	if (!(feature && logits && reg && cell && latlon && tprobs && tprobs->num_elements >= 1 &&
+		  feature32) || !ctx->has_result)
+		return;
+	s->runs++;
+
+	e = relative_error(osv_context_feature(ctx), feature->data, (size_t) d);
+	CHECK(e <= BF16_FEATURE_RTOL, "%s: feature relative error %.3g against the bf16 reference",
+		  what, e);
+	s->feature = fmax(s->feature, e);
+	s->error_sum += e;
+
+	distance = relative_error(osv_context_feature(ctx), feature32->data, (size_t) d);
+	cos = cosine(osv_context_feature(ctx), feature32->data, (size_t) d);
+	CHECK(distance >= BF16_MIN_DISTANCE, "%s: the bf16 feature is within %.3g of the fp32 "
+		  "reference's: did the run use fp32?", what, distance);
+	CHECK(cos >= BF16_MIN_COSINE, "%s: cosine %.6f of the bf16 and fp32 features", what, cos);
+	s->distance_sum += distance;
+	s->min_distance = s->runs == 1 ? distance : fmin(s->min_distance, distance);
+	s->max_distance = fmax(s->max_distance, distance);
+	s->min_cosine = s->runs == 1 ? cos : fmin(s->min_cosine, cos);
+
+	e = relative_error(osv_context_logits(ctx), logits->data, (size_t) c);
+	CHECK(e <= BF16_LOGITS_RTOL, "%s: logits relative error %.3g", what, e);
+	s->logits = fmax(s->logits, e);
+	e = relative_error(osv_context_regression(ctx), reg->data, 2 * (size_t) c);
+	CHECK(e <= BF16_LOGITS_RTOL, "%s: regression relative error %.3g", what, e);
+	s->regression = fmax(s->regression, e);
+
+	CHECK(osv_context_topk(ctx, 1, &top) == 1, "%s: no top-1", what);
+	CHECK(top.cell == ((const int64_t *) cell->data)[0], "%s: cell %d, reference %lld",
+		  what, top.cell, (long long) ((const int64_t *) cell->data)[0]);
+	if (top.cell != ((const int64_t *) cell->data)[0])
+		return;
+	e = point_error_rtol(ctx, &top, latlon->data, reg->data, BF16_LOGITS_RTOL);
+	CHECK(e <= 1.0, "%s: point (%.9f, %.9f), reference (%.9f, %.9f)", what, top.lat, top.lon,
+		  ((const double *) latlon->data)[0], ((const double *) latlon->data)[1]);
+	s->latlon = fmax(s->latlon, fmax(fabs(top.lat - ((const double *) latlon->data)[0]),
+									 fabs(top.lon - ((const double *) latlon->data)[1])));
+	e = fabs(top.probability - ((const double *) tprobs->data)[0]);
+	CHECK(e <= BF16_PROB_TOL, "%s: probability %.9g, reference %.9g", what, top.probability,
+		  ((const double *) tprobs->data)[0]);
+	s->probability = fmax(s->probability, e);
+}
+
+/*
+ * The same images in bf16 through osv_run_images, BATCH_IMAGES at a time,
+ * and the first on every kernel path and 1, 2 and 3 threads: bit for bit
+ * the single run each time (the sums keep their order in bf16 too, and
+ * the paths without AVX512_BF16 emulate vdpbf16ps bit for bit).
+ */
+static void
+check_bf16_determinism(const osv_model *model, const char *name, uint8_t **bytes,
+					   size_t *sizes, int n)
+{
+	osv_context *batch = NULL,
+			   *one = NULL;
+	osv_params	params = osv_default_params();
+	osv_error	err;
+	osv_error	errs[BATCH_IMAGES];
+	int			bitwise = 0,
+				threads = osv_threads();
+	float	   *feature = NULL,
+			   *logits = NULL;
+	char		paths[128];
+
+	params.precision = OSV_PRECISION_BF16;
+	CHECK(osv_context_new_batch(model, BATCH_IMAGES, &batch, &err) == OSV_OK &&
+		  osv_context_new(model, &one, &err) == OSV_OK, "%s bf16: contexts: %s", name, err.message);
+	if (batch == NULL || one == NULL || n < 1)
+		goto done;
+	for (int start = 0; start < n; start += BATCH_IMAGES)
+	{
+		int			m = n - start < BATCH_IMAGES ? n - start : BATCH_IMAGES;
+
+		osv_status	status = osv_run_images(batch, m, (const uint8_t *const *) bytes + start,
+											sizes + start, &params, errs, &err);
+
+		CHECK(status == OSV_OK, "%s bf16 batch: %s", name, err.message);
+		if (status != OSV_OK)
+			continue;
+		for (int i = 0; i < m; i++)
+		{
+			int			b = batch->slot[i];
+
+			CHECK(errs[i].status == OSV_OK && b >= 0, "%s bf16 batch image %d: %s", name,
+				  start + i, errs[i].message);
+			if (errs[i].status != OSV_OK || b < 0 ||
+				osv_run_image(one, bytes[start + i], sizes[start + i], &params, &err) != OSV_OK)
+				continue;
+			CHECK(memcmp(batch->feature + (size_t) b * batch->hidden, one->feature,
+						 (size_t) one->hidden * sizeof(float)) == 0 &&
+				  memcmp(batch->logits + (size_t) b * batch->cells, one->logits,
+						 (size_t) one->cells * sizeof(float)) == 0 &&
+				  memcmp(batch->regression + (size_t) b * 2 * batch->cells, one->regression,
+						 2 * (size_t) one->cells * sizeof(float)) == 0,
+				  "%s bf16: image %d in a batch is not bit for bit its single run", name, start + i);
+			bitwise++;
+		}
+	}
+
+	if (osv_run_image(one, bytes[0], sizes[0], &params, &err) != OSV_OK)
+	{
+		CHECK(false, "%s bf16: %s", name, err.message);
+		goto done;
+	}
+	feature = malloc((size_t) one->hidden * sizeof(float));
+	logits = malloc((size_t) one->cells * sizeof(float));
+	memcpy(feature, one->feature, (size_t) one->hidden * sizeof(float));
+	memcpy(logits, one->logits, (size_t) one->cells * sizeof(float));
+	paths[0] = '\0';
+	for (int path = OSV_KERNELS_AUTO + 1; path <= OSV_KERNELS_PORTABLE; path++)
+	{
+		if (!osv_gemm_use_kernels((osv_kernels) path))
+			continue;
+		snprintf(paths + strlen(paths), sizeof(paths) - strlen(paths), "%s%s",
+				 paths[0] ? ", " : "", osv_kernels_name());
+		for (int t = 1; t <= 3; t++)
+		{
+			osv_set_threads(t);
+			CHECK(osv_run_image(one, bytes[0], sizes[0], &params, &err) == OSV_OK &&
+				  memcmp(feature, one->feature, (size_t) one->hidden * sizeof(float)) == 0 &&
+				  memcmp(logits, one->logits, (size_t) one->cells * sizeof(float)) == 0,
+				  "%s bf16 with the %s kernels on %d threads differs", name,
+				  osv_kernels_name(), t);
+		}
+	}
+	osv_gemm_use_kernels(OSV_KERNELS_AUTO);
+	osv_set_threads(threads);
+	printf("%s bf16: %d images bit for bit in batches of %d and alone; the first on the "
+		   "kernel paths this CPU runs (%s) and 1 to 3 threads\n", name, bitwise,
+		   BATCH_IMAGES, paths);
+
+done:
+	free(feature);
+	free(logits);
+	osv_context_free(batch);
+	osv_context_free(one);
+}
+
+/*
+ * The bf16 golden files of one model, if it has any: each image in bf16
+ * (whole path, then the network on the reference's pixels), against the
+ * reference's bf16 outputs and, for distance, its fp32 feature; then the
+ * same image in fp32 on the same context (the precision is the call's,
+ * nothing of it stays behind); then check_bf16_determinism.  Returns the
+ * number of images compared.
+ */
+static int
+check_bf16(const osv_model *model, const char *name)
+{
+	const osv_model_info *info = osv_model_get_info(model);
+	size_t		count = 3 * (size_t) info->image_size * info->image_size;
+	char		dir[1024];
+	char	   *golden[MAX_NAMES];
+	uint8_t    *bytes[MAX_NAMES];
+	size_t		sizes[MAX_NAMES];
+	int			ngolden,
+				nbytes = 0;
+	osv_context *ctx = NULL;
+	osv_params	bf16 = osv_default_params(),
+				fp32 = osv_default_params();
+	osv_error	err;
+	bf16_stats	s;
+
+	memset(&s, 0, sizeof(s));
+	bf16.precision = OSV_PRECISION_BF16;
+	snprintf(dir, sizeof(dir), "%s/%s/bf16", GOLDEN_DIR, name);
+	ngolden = list_dir(dir, ".safetensors", golden);
+	if (ngolden == 0)
+		return 0;
+	CHECK(osv_context_new(model, &ctx, &err) == OSV_OK, "%s bf16: context: %s", name, err.message);
+
+	for (int i = 0; i < ngolden && ctx != NULL; i++)
+	{
+		char		path[2048],
+					what[2048];
+		osv_safetensors g,
+					g32;
+		const char *image;
+		uint8_t    *data;
+		size_t		size;
+		float	   *pixels;
+		osv_status	status;
+
+		snprintf(path, sizeof(path), "%s/%s", dir, golden[i]);
+		status = osv_safetensors_open(path, &g, &err);
+		CHECK(status == OSV_OK, "%s: %s", path, err.message);
+		if (status != OSV_OK)
+			continue;
+		image = golden_meta(&g, "image");
+		CHECK(image != NULL && golden_meta(&g, "precision") != NULL &&
+			  strcmp(golden_meta(&g, "precision"), "bf16") == 0,
+			  "%s: no __metadata__ image or precision bf16", path);
+		snprintf(path, sizeof(path), "%s/%s/%s.safetensors", GOLDEN_DIR, name,
+				 image ? image : "?");
+		if (image == NULL || osv_safetensors_open(path, &g32, &err) != OSV_OK)
+		{
+			CHECK(false, "%s: no fp32 golden file to compare with", path);
+			osv_safetensors_close(&g);
+			continue;
+		}
+		snprintf(path, sizeof(path), "%s/%s", IMAGES_DIR, image);
+		data = slurp(path, &size);
+		CHECK(data != NULL, "cannot read %s", path);
+		if (data != NULL)
+		{
+			snprintf(what, sizeof(what), "%s/%s (bf16)", name, image);
+			status = osv_run_image(ctx, data, size, &bf16, &err);
+			CHECK(status == OSV_OK, "%s: %s", what, err.message);
+			if (status == OSV_OK)
+			{
+				compare_bf16(ctx, &g, &g32, what, &s);
+				s.images++;
+			}
+
+			/* then fp32 on the same context: the fp32 reference's feature again */
+			snprintf(what, sizeof(what), "%s/%s (fp32 after bf16)", name, image);
+			status = osv_run_image(ctx, data, size, &fp32, &err);
+			CHECK(status == OSV_OK, "%s: %s", what, err.message);
+			if (status == OSV_OK)
+			{
+				const osv_tensor *f32 = golden_tensor(&g32, "feature", OSV_DTYPE_F32,
+													  (uint64_t) ctx->hidden, what);
+				double		e = f32 ? relative_error(osv_context_feature(ctx), f32->data,
+													 (size_t) ctx->hidden) : 1.0;
+
+				CHECK(e <= FEATURE_RTOL, "%s: feature relative error %.3g", what, e);
+			}
+			bytes[nbytes] = data;
+			sizes[nbytes++] = size;
+		}
+
+		/* the network alone, on the reference's pixels */
+		pixels = golden_pixels(&g, image, count);
+		CHECK(pixels != NULL, "%s/%s (bf16): no reference pixels", name, image);
+		if (pixels != NULL)
+		{
+			snprintf(what, sizeof(what), "%s/%s (bf16, reference pixels)", name, image);
+			status = osv_run_pixels(ctx, pixels, &bf16, &err);
+			CHECK(status == OSV_OK, "%s: %s", what, err.message);
+			if (status == OSV_OK)
+				compare_bf16(ctx, &g, &g32, what, &s);
+			free(pixels);
+		}
+		osv_safetensors_close(&g32);
+		osv_safetensors_close(&g);
+	}
+
+	/* bf16 is what ran: far nearer the bf16 reference than the fp32 one */
+	CHECK(s.runs > 0 && s.error_sum <= BF16_ERROR_SHARE * s.distance_sum,
+		  "%s bf16: summed feature error against the bf16 reference %.3g, %.3g of the "
+		  "summed distance to fp32", name, s.error_sum,
+		  s.distance_sum > 0.0 ? s.error_sum / s.distance_sum : 0.0);
+	printf("%s bf16: %d images, %d runs; against the bf16 reference: feature rel err %.3g, "
+		   "logits %.3g, regression %.3g, point %.3g deg, top-1 prob %.3g; against fp32: "
+		   "feature distance %.3g to %.3g, cosine >= %.7f; errors %.3g of the distances\n",
+		   name, s.images, s.runs, s.feature, s.logits, s.regression, s.latlon, s.probability,
+		   s.min_distance, s.max_distance, s.min_cosine,
+		   s.distance_sum > 0.0 ? s.error_sum / s.distance_sum : 0.0);
+
+	check_bf16_determinism(model, name, bytes, sizes, nbytes);
+	for (int i = 0; i < nbytes; i++)
+		free(bytes[i]);
+	for (int i = 0; i < ngolden; i++)
+		free(golden[i]);
+	osv_context_free(ctx);
+	return s.images;
+}
+
 int
 main(void)
 {
 	char	   *models[MAX_NAMES];
 	int			nmodels = 0;
-	int			compared = 0;
+	int			compared = 0,
+				compared_bf16 = 0;
 	bool		state_checked = false;
 	DIR		   *d = opendir(MODELS_DIR);
 	struct dirent *e;
@@ -793,7 +1179,10 @@ main(void)
 			}
 		}
 		if (model != NULL)
+		{
 			check_batches(model, models[m], golden, ngolden);
+			compared_bf16 += check_bf16(model, models[m]);
+		}
 		for (int i = 0; i < ngolden; i++)
 			free(golden[i]);
 		compared += s.images;
@@ -807,6 +1196,7 @@ main(void)
 		free(models[m]);
 	}
 	CHECK(compared > 0, "no image was compared with the reference");
+	CHECK(compared_bf16 > 0, "no image was compared with the reference's bf16 mode");
 	CHECK(state_checked, "the abort and determinism checks did not run");
 	return check_summary("test_fidelity");
 }
