@@ -2,8 +2,9 @@
 -- precision: the setting osv5m.precision.  fp32, the default, is the
 -- published model's arithmetic; bf16 rounds the weights and the activations
 -- entering the matrix products to bfloat16 and sums in float32.  bf16 moves
--- the results a little, and by the same amount every time: in this session,
--- in a parallel worker, in a trigger and in a new session.  (osv5m_enrich
+-- the results a little, as the PyTorch reference's bf16 mode does, and by
+-- the same amount every time: in this session, in a parallel worker, in a
+-- trigger and in a new session.  (osv5m_enrich
 -- with background workers and the pack cache: test/pg/shell-tests.sh.)
 --
 \getenv abs_srcdir PG_ABS_SRCDIR
@@ -106,6 +107,24 @@ SELECT count(*) AS images,
 		   AS point_close
 FROM precision_results f JOIN precision_results b USING (name)
 WHERE f.precision = 'fp32' AND b.precision = 'bf16';
+
+-- bf16 against the PyTorch reference's bf16 mode (test/golden/models/
+-- tiny-gelu/bf16, written by test/reference/make_golden.py, read by
+-- test/pg/golden_csv.py), on the images it has: the same top cell, and the
+-- feature and top-1 probability within the tolerances of the core's own
+-- bf16 golden test (test/unit/test_fidelity.c, BF16_FEATURE_RTOL and
+-- BF16_PROB_TOL: both sum in another order, which flips a few bfloat16
+-- roundings).
+CREATE TEMP TABLE bf16_golden (image text, rank int, cell int, probability float8,
+							   lat float8, lon float8, regression_rms float8, feature real[]);
+\set cmd 'python3 ' :abs_srcdir '/test/pg/golden_csv.py ' :abs_srcdir '/test/golden/models/tiny-gelu/bf16'
+COPY bf16_golden FROM PROGRAM :'cmd' WITH (FORMAT csv);
+SELECT count(*) AS golden_images,
+	   count(*) FILTER (WHERE b.cell = g.cell) AS same_cell,
+	   count(*) FILTER (WHERE pg_temp.relative_error(b.feature, g.feature) <= 3e-3) AS feature_ok,
+	   count(*) FILTER (WHERE abs(b.probability - g.probability) <= 2.5e-3) AS probability_ok
+FROM bf16_golden g JOIN precision_results b ON b.name = g.image
+WHERE g.rank = 1 AND b.precision = 'bf16';
 
 -- the same bits each time, in either precision
 SELECT a.precision, count(*) AS images,
