@@ -5,9 +5,9 @@
 -- construction.
 --
 -- What 0.4.0 changes:
---  1. The setting osv5m.precision (fp32, the default, or bf16) chooses the
---     arithmetic of the matrix products; bf16 is faster and changes the
---     results slightly.  Each osv5m_enrich run records the precision it
+--  1. The setting osv5m.precision (fp32, the default, bf16 or int8)
+--     chooses the arithmetic of the matrix products; bf16 and int8 are
+--     faster and change the results (int8 more).  Each osv5m_enrich run records the precision it
 --     runs in (osv5m_jobs.precision, shown by osv5m_progress), and its
 --     background workers take that precision, not their own setting, so
 --     all the rows of one run are computed alike.  Runs recorded before
@@ -27,7 +27,7 @@ AS 'MODULE_PATHNAME', 'osv5m_enrich_precision'
 LANGUAGE C STABLE PARALLEL SAFE;
 
 COMMENT ON FUNCTION @extschema@.osv5m_enrich_precision() IS
-'the setting osv5m.precision of this session (''fp32'' or ''bf16''), defined once the library is loaded';
+'the setting osv5m.precision of this session (''fp32'', ''bf16'' or ''int8''), defined once the library is loaded';
 
 -- ==== the precision of a run ====
 
@@ -37,11 +37,11 @@ COMMENT ON FUNCTION @extschema@.osv5m_enrich_precision() IS
 -- setting the run's own batches use.
 ALTER TABLE @extschema@.osv5m_jobs
 	ADD COLUMN precision text NOT NULL DEFAULT 'fp32'
-		CONSTRAINT osv5m_jobs_precision CHECK (precision IN ('fp32', 'bf16'));
+		CONSTRAINT osv5m_jobs_precision CHECK (precision IN ('fp32', 'bf16', 'int8'));
 ALTER TABLE @extschema@.osv5m_jobs
 	ALTER COLUMN precision SET DEFAULT @extschema@.osv5m_enrich_precision();
 COMMENT ON COLUMN @extschema@.osv5m_jobs.precision IS
-'osv5m.precision of the run (fp32 or bf16): the caller''s when it started; its background workers use it too';
+'osv5m.precision of the run (fp32, bf16 or int8): the caller''s when it started; its background workers use it too';
 
 -- Run in a background worker before its first batch: take the caller's
 -- osv5m.* settings (only those osv5m_enrich_settings() records) and the

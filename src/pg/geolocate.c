@@ -376,6 +376,7 @@ osv5m_model_info(PG_FUNCTION_ARGS)
 	JsonString(&buf, "config_path", info->config_path);
 	JsonString(&buf, "pack_cache_path", info->pack_cache_path);
 	JsonString(&buf, "pack_cache_path_bf16", info->pack_cache_path_bf16);
+	JsonString(&buf, "pack_cache_path_int8", info->pack_cache_path_int8);
 	/* which weights file and format, and its SHA-256 (computed once per load) */
 	JsonString(&buf, "weights_format", info->weights_format);
 	JsonString(&buf, "cells_source", info->cells_source);

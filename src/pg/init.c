@@ -33,6 +33,7 @@ int			osv5m_precision = OSV_PRECISION_FP32;
 const struct config_enum_entry osv5m_precision_options[] = {
 	{"fp32", OSV_PRECISION_FP32, false},
 	{"bf16", OSV_PRECISION_BF16, false},
+	{"int8", OSV_PRECISION_INT8, false},
 	{NULL, 0, false}
 };
 
@@ -111,13 +112,15 @@ _PG_init(void)
 	 * osv5m.model_path does (README, Why IMMUTABLE).
 	 */
 	DefineCustomEnumVariable("osv5m.precision",
-							 "Arithmetic of the matrix products with the model's weights: fp32 or bf16.",
+							 "Arithmetic of the matrix products with the model's weights: fp32, bf16 or int8.",
 							 "fp32 (the default) computes the published model in float32.  "
 							 "bf16 rounds the weights and the activations entering the "
 							 "matrix products to bfloat16 and sums in float32: faster on "
 							 "CPUs with AVX512_BF16, and the results change slightly.  "
-							 "Other CPUs emulate bf16 bit for bit: the same results, no "
-							 "faster than fp32.",
+							 "int8 quantizes them to 8 bits per row and sums in integers: "
+							 "faster still on CPUs with AVX512_VNNI, and the results change "
+							 "more.  Other CPUs emulate both bit for bit: the same results, "
+							 "no faster than fp32.",
 							 &osv5m_precision,
 							 OSV_PRECISION_FP32,
 							 osv5m_precision_options,
