@@ -18,6 +18,16 @@ Invariants:
     nearest, ties to even) and the products computed in float32, biases
     added in float32.  Attention, norms, activations, residuals and the
     whole head stay float32 (osv5m.h, osv_precision);
+  - precision "int8" (--precision int8) changes only each block's q, k, v,
+    out_proj, fc1 and fc2 (the patch embedding stays float32).  Each row of
+    the product's input (a token) and each row of its weight (an output
+    channel) is quantized on its own: largest = max |x| over the row,
+    factor = 127 / largest (0 for an all-zero row), q = nearbyint(clamp(x *
+    factor, -127, 127)) (to nearest, ties to even), scale = largest / 127,
+    every step a float32 operation.  The sum of q_a q_w over the row is
+    taken exactly, converted to float32 (to nearest even), multiplied by the
+    token's scale, then by the channel's, each in float32; the bias is then
+    added in float32, and the residual as in fp32 (osv5m.h, osv_precision);
   - F16 and BF16 weights are widened to float32 exactly (every such value is
     representable), so the computation uses the stored values;
   - the head's geometry (tanh, quadtree, degrees) and the softmax are done in
@@ -26,9 +36,9 @@ Invariants:
 
 Usage as a tool:
   reference.py geolocate --model DIR [--quadtree CSV] [--threads N] [--top K]
-                         [--precision fp32|bf16] FILE...
-  reference.py embed --model DIR [--precision fp32|bf16] FILE...
-  reference.py info --model DIR [--precision fp32|bf16]
+                         [--precision fp32|bf16|int8] FILE...
+  reference.py embed --model DIR [--precision fp32|bf16|int8] FILE...
+  reference.py info --model DIR [--precision fp32|bf16|int8]
 """
 
 import argparse
@@ -48,7 +58,7 @@ from PIL import Image
 DEFAULT_MEAN = (0.48145466, 0.4578275, 0.40821073)
 DEFAULT_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_QUADTREE = "quadtree_10_1000.csv"
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "int8")
 
 
 # ---- safetensors ---------------------------------------------------------
@@ -325,6 +335,81 @@ def use_bf16_products(net):
             module.register_forward_pre_hook(_round_input)
 
 
+def quantize_int8(x):
+    """Each row of the float32 matrix x quantized to int8 with its own scale:
+    (q, an int8 tensor of x's shape, scale, a float32 tensor of one value
+    per row).
+
+    largest = max |x| over the row; factor = 127 / largest, 0 when the row
+    is all zeros; q = x * factor clamped to [-127, 127] and rounded to
+    nearest, ties to even (torch.round); scale = largest / 127.  Every step
+    is one float32 operation.  The divisions are tensor by tensor: torch
+    computes a scalar divided by a tensor as the scalar times the tensor's
+    reciprocal, which rounds twice.
+    """
+    largest = x.abs().amax(dim=1)
+    nonzero = largest > 0
+    safe = torch.where(nonzero, largest, torch.ones_like(largest))
+    factor = torch.where(nonzero, torch.full_like(largest, 127.0) / safe, torch.zeros_like(largest))
+    q = torch.round(torch.clamp(x * factor[:, None], -127.0, 127.0)).to(torch.int8)
+    scale = largest / torch.full_like(largest, 127.0)
+    return q, scale
+
+
+def int8_product(qa, scale_a, qw, scale_w):
+    """(qa qw^T), taken exactly, as float32 times scale_a (per row), then
+    times scale_w (per column), each multiplication rounded to float32.
+
+    The sums are exact in float64: each term is at most 127 * 127 in
+    magnitude, so any partial sum over fewer than 2^53 / 127^2 (5.6e11)
+    terms is an integer float64 holds exactly, whatever order the matrix
+    product adds them in.
+    """
+    acc = torch.matmul(qa.to(torch.float64), qw.to(torch.float64).t())
+    v = acc.to(torch.float32)  # to nearest even, like the C (float) cast
+    v = v * scale_a[:, None]
+    return v * scale_w[None, :]
+
+
+class Int8Linear(nn.Module):
+    """nn.Linear's product in int8 (quantize_int8, int8_product), then its
+    bias added in float32.  Holds the weight quantized once, not the
+    float32 weight."""
+
+    def __init__(self, linear):
+        super().__init__()
+        with torch.no_grad():
+            q, scale = quantize_int8(linear.weight.detach())
+        self.register_buffer("qw", q)
+        self.register_buffer("scale_w", scale)
+        self.bias = linear.bias
+
+    def forward(self, x):
+        qa, scale_a = quantize_int8(x)
+        return int8_product(qa, scale_a, self.qw, self.scale_w) + self.bias
+
+
+def use_int8_products(net):
+    """Make the six linears of each of net's blocks int8 products
+    (Int8Linear); the patch embedding and every other module are left as
+    they are.  Returns a function that puts the float32 linears back (the
+    weights are not changed, so the same network can then run in fp32 or
+    bf16)."""
+    swapped = []
+    for layer in net.layers:
+        attn = layer.self_attn
+        for owner, name in ((attn, "q_proj"), (attn, "k_proj"), (attn, "v_proj"),
+                            (attn, "out_proj"), (layer, "fc1"), (layer, "fc2")):
+            linear = getattr(owner, name)
+            setattr(owner, name, Int8Linear(linear))
+            swapped.append((owner, name, linear))
+
+    def restore():
+        for owner, name, linear in swapped:
+            setattr(owner, name, linear)
+    return restore
+
+
 # ---- loading -------------------------------------------------------------------
 
 def find_prefixes(names):
@@ -364,7 +449,7 @@ class Reference:
 
     def __init__(self, model_dir, quadtree=None, precision="fp32"):
         if precision not in PRECISIONS:
-            raise ValueError("unknown precision %s (fp32 or bf16)" % precision)
+            raise ValueError("unknown precision %s (fp32, bf16 or int8)" % precision)
         self.dir = model_dir
         self.precision = precision
         st_path = os.path.join(model_dir, "model.safetensors")
@@ -455,6 +540,8 @@ class Reference:
                     seq[idx].bias.copy_(get(bp + "%d.bias" % idx, (wshape[0],)))
         if precision == "bf16":
             use_bf16_products(net)
+        elif precision == "int8":
+            use_int8_products(net)
         self.net = net.eval()
 
         # The quadtree: an explicit path, else config's base name, else the default.
