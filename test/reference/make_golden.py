@@ -3,8 +3,12 @@
 make_golden.py: runs the PyTorch reference (reference.py) on every test model
 in test/models and the test images in test/data/images, and stores what it
 computes in test/golden/models/<model>/<image file name>.safetensors, and
-for the models of BF16_MODELS what its bf16 mode computes (reference.py,
-precision "bf16") in test/golden/models/<model>/bf16/<image>.safetensors.
+for the models of BF16_MODELS and INT8_MODELS what its bf16 and int8 modes
+compute (reference.py, precision "bf16" or "int8") in
+test/golden/models/<model>/<precision>/<image>.safetensors.  It also
+stores single int8 products of the reference (Int8Linear) on rows chosen
+to catch a quantization that rounds apart, in
+test/golden/int8_products.safetensors (int8_products below).
 
 Each golden file holds:
   pixels       F32 [3, S, S]  the preprocessed image (see below)
@@ -26,10 +30,12 @@ Invariants (to keep the repository small, under 8 MB of golden data):
     size, mean and std) and stores no pixels.  __metadata__ "pixels" says
     "stored" or names where to find them ("omitted" otherwise);
   - images that PIL cannot open (the malformed fixtures) are skipped;
-  - bf16 goldens exist for the models of BF16_MODELS only, on the subset,
-    with the same tensors but no pixels (the preprocessing does not depend
-    on the precision): __metadata__ "pixels" is "same as <model>", whose
-    fp32 golden of the image stores them, and "precision" is "bf16".
+  - bf16 and int8 goldens exist for the models of BF16_MODELS and
+    INT8_MODELS only, on the subset, with the same tensors but no pixels
+    (the preprocessing does not depend on the precision): __metadata__
+    "pixels" is "same as <model>", whose fp32 golden of the image stores
+    them, and "precision" is "bf16" or "int8" (about 38 KB per precision);
+  - int8_products.safetensors holds two products, about 73 KB.
 
 Usage: make_golden.py [--check] [--models DIR] [--images DIR] [--out DIR]
   --check  recompute and compare with the stored files instead of writing
@@ -55,8 +61,9 @@ NO_PIXELS_MODELS = {"tiny-f16": "same as tiny-gelu", "tiny-f16-pt": "same as tin
                     "tiny-gelu-pt": "same as tiny-gelu", "tiny-bf16-pt": "same as tiny-bf16",
                     "tiny-quickgelu-pt": "same as tiny-quickgelu"}
 SUBSET_SIZE = 10
-# Models with bf16 goldens: the two activations, two image sizes and shapes.
+# Models with bf16 and int8 goldens: the two activations, two image sizes and shapes.
 BF16_MODELS = ("tiny-gelu", "tiny-quickgelu")
+INT8_MODELS = ("tiny-gelu", "tiny-quickgelu")
 # Taken into the subset first when present: the broadest mix of decoder paths
 # (CMYK, EXIF, transparency, 16-bit, 1 x 1 upscaling, an extreme aspect ratio).
 PREFERRED = ["jpeg_420_640x480.jpg", "jpeg_cmyk_320x240.jpg", "jpeg_exif_rotated_300x200.jpg",
@@ -124,6 +131,67 @@ def golden_tensors(res, with_pixels):
     if with_pixels:
         t["pixels"] = (res["pixels"].astype(np.float32), "F32")
     return t
+
+
+def int8_rows(rng, rows, k):
+    """rows x k float32 values whose int8 quantization is easy to get wrong,
+    in this order: ties (x * factor exactly an integer and a half, factor 1
+    and 0.5), all zeros, rows whose factor 127 / largest differs from 127
+    times 1 / largest by enough to round one value apart, a negative
+    largest value, then random rows of magnitudes 1e-3 to 1e3."""
+    x = (rng.normal(0, 1, (rows, k)) * 10.0 ** rng.uniform(-3, 3, (rows, 1))).astype(np.float32)
+    halves = rng.integers(-126, 126, k).astype(np.float32) + np.float32(0.5)
+    x[0] = halves
+    x[0, 3] = 127.0
+    x[1] = 2 * halves
+    x[1, 5] = -254.0
+    x[2] = 0.0
+    r = 3
+    while r < 6:
+        largest = np.float32(abs(rng.normal(0, 1)))
+        factor = np.float32(127.0) / largest
+        other = (np.float32(1.0) / largest) * np.float32(127.0)
+        if factor == other:
+            continue
+        v = np.float32((np.float32(rng.integers(0, 126)) + np.float32(0.5)) / factor)
+        for _ in range(8):
+            if np.rint(v * factor) != np.rint(v * other):
+                x[r] = rng.uniform(-1, 1, k).astype(np.float32) * largest
+                x[r, 0], x[r, 1] = largest, v
+                r += 1
+                break
+            v = np.nextafter(v, np.float32(np.inf), dtype=np.float32)
+    x[6, 7] = -np.abs(x[6]).max() * 2
+    return x
+
+
+def int8_products():
+    """Two int8 products of the reference, C = A W^T + bias and the same
+    added to a residual C0, as the blocks' linears compute them:
+      small_* A [24, 200], W [20, 200]: the rows of int8_rows in both;
+      long_*  A [2, 1536], W [3, 1536]: values that quantize to 100 to 127,
+              so the integer sums pass 2^24 (float32 could not add them);
+    each with a, w, bias, c0, out (A W^T + bias) and out_residual (c0 + out)."""
+    rng = np.random.Generator(np.random.PCG64(8))
+    tensors = {}
+    for case, (m, n, k) in (("small", (24, 20, 200)), ("long", (2, 3, 1536))):
+        if case == "small":
+            a, w = int8_rows(rng, m, k), int8_rows(rng, n, k)
+        else:
+            a = (rng.integers(100, 128, (m, k)) * rng.choice([-1, 1], (m, 1)) / 127.0 * 3.0).astype(np.float32)
+            w = (rng.integers(100, 128, (n, k)) / 127.0 * 0.05).astype(np.float32)
+        bias = rng.normal(0, 1, n).astype(np.float32)
+        c0 = rng.normal(0, 10, (m, n)).astype(np.float32)
+        linear = reference.nn.Linear(k, n)
+        with reference.torch.no_grad():
+            linear.weight.copy_(reference.torch.from_numpy(w))
+            linear.bias.copy_(reference.torch.from_numpy(bias))
+            out = reference.Int8Linear(linear)(reference.torch.from_numpy(a))
+            residual = reference.torch.from_numpy(c0) + out
+        for name, arr in (("a", a), ("w", w), ("bias", bias), ("c0", c0),
+                          ("out", out.numpy()), ("out_residual", residual.numpy())):
+            tensors["%s_%s" % (case, name)] = (np.ascontiguousarray(arr, dtype=np.float32), "F32")
+    return tensors
 
 
 def compare(path, tensors):
@@ -214,17 +282,22 @@ def main():
         print("%s: %d images%s" % (model, len(names),
                                     ", top-k logit gaps < 1e-3: " + ", ".join(small_margins)
                                     if small_margins else ""))
-        if model in BF16_MODELS:
-            bf16 = reference.Reference(model_dir, precision="bf16")
-            bf16_dir = os.path.join(out_dir, "bf16")
-            os.makedirs(bf16_dir, exist_ok=True)
+        for precision, models in (("bf16", BF16_MODELS), ("int8", INT8_MODELS)):
+            if model not in models:
+                continue
+            reduced = reference.Reference(model_dir, precision=precision)
+            reduced_dir = os.path.join(out_dir, precision)
+            os.makedirs(reduced_dir, exist_ok=True)
             for name in subset:
-                res = bf16.run(os.path.join(args.images, name), TOP_K)
-                store(os.path.join(bf16_dir, name + ".safetensors"), golden_tensors(res, False),
-                      {"image": name, "model": model, "precision": "bf16",
+                res = reduced.run(os.path.join(args.images, name), TOP_K)
+                store(os.path.join(reduced_dir, name + ".safetensors"), golden_tensors(res, False),
+                      {"image": name, "model": model, "precision": precision,
                        "pixels": "same as %s" % model})
-            remove_stale(bf16_dir, subset)
-            print("%s bf16: %d images" % (model, len(subset)))
+            remove_stale(reduced_dir, subset)
+            print("%s %s: %d images" % (model, precision, len(subset)))
+    store(os.path.join(args.out, "..", "int8_products.safetensors"), int8_products(),
+          {"precision": "int8", "what": "reference.Int8Linear products; make_golden.py int8_products"})
+    print("int8 products: 2")
     if args.check:
         for p in problems:
             print(p)
