@@ -3,17 +3,22 @@
 precision.py: the osv5m tool's --precision, --feature and the precision
 members of `osv5m info`, on the test model tiny-gelu.
 
-  - a precision that is not fp32 or bf16, --precision with convert and
-    --feature with --batch 2 are usage errors: exit status 2 and a message;
-  - info says fp32 is native and whether bf16 is (a boolean), and names no
-    pack cache file without --pack-cache; with --pack-cache DIR --precision
-    bf16 it names the bf16 file, which exists in DIR, and no fp32 one;
-  - geolocate --precision bf16 --feature gives the feature of the reference's
-    bf16 mode (test/golden/models/tiny-gelu/bf16) to the tolerance of
-    test/unit/test_fidelity.c, and not the fp32 one; the same cell;
-  - bf16 with the pack cache is bf16 without it, byte for byte, and embed
-    prints the same feature as geolocate --feature; fp32 is the default;
-  - bench --json --precision bf16 says so.
+  - a precision that is not fp32, bf16 or int8, --precision with convert
+    and --feature with --batch 2 are usage errors: exit status 2 and a
+    message;
+  - info says fp32 is native and whether bf16 and int8 are (booleans), and
+    names no pack cache file without --pack-cache; with --pack-cache DIR
+    --precision bf16 (int8) it names the bf16 (int8) file, which exists in
+    DIR, and no other;
+  - geolocate --precision bf16 (int8) --feature gives the feature of the
+    reference's bf16 (int8) mode (test/golden/models/tiny-gelu/bf16, int8)
+    to the tolerance of test/unit/test_fidelity.c, and not the fp32 one;
+    the same cell; in int8, at least one image as close as fp32 (as most
+    of test_fidelity's runs are: see INT8_CLOSE_SHARE there);
+  - bf16 and int8 with the pack cache are the same without it, byte for
+    byte, and embed prints the same feature as geolocate --feature; fp32
+    is the default;
+  - bench --json --precision bf16 (int8) says so.
 
 Usage: test/cli/precision.py [TOOL]   (default ./osv5m, built by make)
 Prints "ok - NAME" or "FAIL - NAME: why"; the last line is
@@ -36,9 +41,12 @@ import reference  # noqa: E402  (read_safetensors)
 MODEL = os.path.join(ROOT, "test", "models", "tiny-gelu")
 GOLDEN = os.path.join(ROOT, "test", "golden", "models", "tiny-gelu")
 IMAGES = ["jpeg_420_640x480.jpg", "jpeg_cmyk_320x240.jpg", "png_rgba8_211x317.png"]
-# test_fidelity.c's BF16_FEATURE_RTOL and BF16_MIN_DISTANCE (see why there)
-BF16_FEATURE_RTOL = 3e-3
-BF16_MIN_DISTANCE = 5e-4
+# test_fidelity.c's tolerances (see why there): the feature's relative
+# error against the reference in the same precision, and its least
+# relative distance to the fp32 reference
+FEATURE_RTOL = {"fp32": 1e-4, "bf16": 3e-3, "int8": 1.5e-2}
+MIN_DISTANCE = {"bf16": 5e-4, "int8": 1.25e-3}
+REDUCED = ("bf16", "int8")
 
 passed = 0
 failed = 0
@@ -98,54 +106,79 @@ def main():
           info.get("pack_cache_path") == "" and info.get("pack_cache_path_bf16") == "" and
           info.get("pack_cache_path_int8") == "",
           "info: precisions_native, no pack cache", "exit %d, %r %r" % (rc, out[-400:], err))
+    check(isinstance(native.get("int8"), bool), "info: int8 in precisions_native",
+          repr(native))
     with tempfile.TemporaryDirectory(prefix="osv5m-precision-") as cache:
         os.chmod(cache, 0o700)
-        rc, out, err = tool("info", "--model", MODEL, "--no-fingerprint", "--pack-cache", cache,
-                            "--precision", "bf16")
-        info = json.loads(out) if rc == 0 else {}
-        path = info.get("pack_cache_path_bf16", "")
-        check(rc == 0 and path.startswith(cache + "/") and os.path.isfile(path) and
-              info.get("pack_cache_path") == "" and info.get("pack_cache_path_int8") == "" and
-              "not using" not in err,
-              "info --pack-cache --precision bf16 opens the bf16 file only",
-              "exit %d, %r %r" % (rc, out[-400:], err))
+        for precision in REDUCED:
+            member = "pack_cache_path_" + precision
+            others = [m for m in ("pack_cache_path", "pack_cache_path_bf16",
+                                  "pack_cache_path_int8") if m != member]
+            rc, out, err = tool("info", "--model", MODEL, "--no-fingerprint", "--pack-cache", cache,
+                                "--precision", precision)
+            info = json.loads(out) if rc == 0 else {}
+            path = info.get(member, "")
+            check(rc == 0 and path.startswith(cache + "/") and os.path.isfile(path) and
+                  all(info.get(m) == "" for m in others) and "not using" not in err,
+                  "info --pack-cache --precision %s opens the %s file only" % (precision, precision),
+                  "exit %d, %r %r" % (rc, out[-400:], err))
 
         # ---- geolocate and embed
         rc, out, err = tool("geolocate", "--model", MODEL, "--feature", *files)
         fp32 = lines(out) if rc == 0 else []
-        rc2, out2, err2 = tool("geolocate", "--model", MODEL, "--feature", "--precision", "bf16",
-                               *files)
-        bf16 = lines(out2) if rc2 == 0 else []
-        check(len(fp32) == len(files) and len(bf16) == len(files) and
-              all(len(r.get("feature", [])) == 64 for r in fp32 + bf16),
-              "geolocate --feature prints the features", "%r %r" % (err, err2))
-        rc3, out3, err3 = tool("geolocate", "--model", MODEL, "--feature", "--precision", "bf16",
-                               "--pack-cache", cache, *files)
-        check(rc3 == 0 and out3 == out2 and "not using" not in err3,
-              "bf16 with the pack cache is bf16 without it, byte for byte", err3)
+        check(len(fp32) == len(files) and all(len(r.get("feature", [])) == 64 for r in fp32),
+              "geolocate --feature prints the features", err)
         rc4, out4, _ = tool("geolocate", "--model", MODEL, "--feature", "--precision", "fp32", *files)
         check(rc4 == 0 and out4 == out, "fp32 is the default")
-        rc5, out5, _ = tool("embed", "--model", MODEL, "--precision", "bf16", *files)
-        check(rc5 == 0 and [r["embedding"] for r in lines(out5)] == [r["feature"] for r in bf16],
-              "embed --precision bf16 prints geolocate's bf16 feature")
+        reduced = {}
+        for precision in REDUCED:
+            rc2, out2, err2 = tool("geolocate", "--model", MODEL, "--feature", "--precision",
+                                   precision, *files)
+            reduced[precision] = lines(out2) if rc2 == 0 else []
+            check(len(reduced[precision]) == len(files) and
+                  all(len(r.get("feature", [])) == 64 for r in reduced[precision]),
+                  "geolocate --feature --precision %s prints the features" % precision, err2)
+            rc3, out3, err3 = tool("geolocate", "--model", MODEL, "--feature", "--precision",
+                                   precision, "--pack-cache", cache, *files)
+            check(rc3 == 0 and out3 == out2 and "not using" not in err3,
+                  "%s with the pack cache is %s without it, byte for byte" % (precision, precision),
+                  err3)
+            rc5, out5, _ = tool("embed", "--model", MODEL, "--precision", precision, *files)
+            check(rc5 == 0 and [r["embedding"] for r in lines(out5)] ==
+                  [r["feature"] for r in reduced[precision]],
+                  "embed --precision %s prints geolocate's %s feature" % (precision, precision))
 
-    for name, a, b in zip(IMAGES, fp32, bf16):
-        g16, _ = reference.read_safetensors(os.path.join(GOLDEN, "bf16", name + ".safetensors"))
+    for i, (name, a) in enumerate(zip(IMAGES, fp32)):
         g32, _ = reference.read_safetensors(os.path.join(GOLDEN, name + ".safetensors"))
-        e = relative(b["feature"], g16["feature"])
-        d = relative(b["feature"], g32["feature"])
-        check(e <= BF16_FEATURE_RTOL and d >= BF16_MIN_DISTANCE and b["cell"] == int(g16["cell"][0]),
-              "%s: bf16 is the reference's bf16 (feature %.3g), not fp32 (%.3g)" % (name, e, d),
-              "cell %d, reference %d" % (b["cell"], int(g16["cell"][0])))
-        check(relative(a["feature"], g32["feature"]) <= 1e-4 and a["cell"] == int(g32["cell"][0]),
-              "%s: fp32 is the reference's fp32" % name)
+        check(relative(a["feature"], g32["feature"]) <= FEATURE_RTOL["fp32"] and
+              a["cell"] == int(g32["cell"][0]), "%s: fp32 is the reference's fp32" % name)
+        for precision in REDUCED:
+            if i >= len(reduced[precision]):
+                continue
+            b = reduced[precision][i]
+            g, _ = reference.read_safetensors(os.path.join(GOLDEN, precision, name + ".safetensors"))
+            e = relative(b["feature"], g["feature"])
+            d = relative(b["feature"], g32["feature"])
+            check(e <= FEATURE_RTOL[precision] and d >= MIN_DISTANCE[precision] and
+                  b["cell"] == int(g["cell"][0]),
+                  "%s: %s is the reference's %s (feature %.3g), not fp32 (%.3g)" % (
+                      name, precision, precision, e, d),
+                  "cell %d, reference %d" % (b["cell"], int(g["cell"][0])))
+    # where no quantization flip reached the feature, int8 agrees as fp32 does
+    close = [relative(b["feature"], reference.read_safetensors(
+        os.path.join(GOLDEN, "int8", name + ".safetensors"))[0]["feature"])
+        for name, b in zip(IMAGES, reduced["int8"])]
+    check(len(close) == len(IMAGES) and min(close) <= FEATURE_RTOL["fp32"],
+          "int8: an image within %g of the reference's int8 feature" % FEATURE_RTOL["fp32"],
+          repr(close))
 
     # ---- bench
-    rc, out, err = tool("bench", "--json", "--model", MODEL, "--iters", "1", "--warmup", "0",
-                        "--precision", "bf16", files[0])
-    b = json.loads(out) if rc == 0 else {}
-    check(b.get("precision") == "bf16" and isinstance(b.get("native"), bool),
-          "bench --json --precision bf16 says so", "exit %d, %r" % (rc, err))
+    for precision in REDUCED:
+        rc, out, err = tool("bench", "--json", "--model", MODEL, "--iters", "1", "--warmup", "0",
+                            "--precision", precision, files[0])
+        b = json.loads(out) if rc == 0 else {}
+        check(b.get("precision") == precision and isinstance(b.get("native"), bool),
+              "bench --json --precision %s says so" % precision, "exit %d, %r" % (rc, err))
 
     print("tool precision: %d passed, %d failed" % (passed, failed))
     return 0 if failed == 0 else 1
