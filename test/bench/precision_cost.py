@@ -1,27 +1,31 @@
 #!/usr/bin/python3
 """
-precision_cost.py: what bf16 products cost in accuracy, against fp32, on the
-full-size model: how often the top-1 cell changes, how far the predicted
-point moves and how the feature turns.
+precision_cost.py: what bf16 and int8 products cost in accuracy, against
+fp32, on the full-size model: how often the top-1 cell changes, how far the
+predicted point moves and how the feature turns.
 
-It runs the osv5m tool twice over the same images, `geolocate --feature
---precision fp32` and then `--precision bf16` (one process each: opening the
-1.3 GB model takes seconds, a forward pass about a second), and compares the
-two answers image by image:
+It runs the osv5m tool three times over the same images, `geolocate
+--feature --precision fp32`, then `--precision bf16` and `--precision int8`
+(one process each: opening the 1.3 GB model takes seconds, a forward pass
+about a second), and compares each reduced precision's answers with fp32's
+image by image:
   - the share of images whose top-1 cell is the same;
   - the great-circle distance between the two predicted points (haversine on
     a sphere of 6371 km, as the OSV-5M metrics): median, 95th percentile, max;
   - the cosine similarity of the two 1024-d features (the class token of the
     last block, before the head): min and median.
 Then, for calibration, the PyTorch reference (test/reference/reference.py)
-in its own fp32 and bf16 modes on the first --reference-images images (about
-2 s per image and precision): the same statistics for the reference's bf16
-against its fp32, which says whether osv5m's bf16 costs what bf16 itself
-costs; and on those images osv5m against the reference, in fp32 and in bf16.
-Both round the same values to bfloat16 but sum in another order, so where a
-value lies at a rounding boundary they round it apart: osv5m's bf16 answers
-are expected to be about as far from the reference's bf16 answers as they
-are from their own fp32 ones, not as close as the two fp32 answers are.
+in its own fp32, int8 and bf16 modes on the first --reference-images images
+(about 2 s per image in fp32 and bf16, several times that in int8, whose
+exact integer sums it takes in float64): the same statistics for the
+reference's bf16 and int8 against its fp32, which say whether osv5m's bf16
+and int8 cost what bf16 and int8 themselves cost; and on those images
+osv5m against the reference in each precision.  Both round (or quantize)
+the same values but sum in another order, so where a value lies at a
+rounding boundary they round it apart: osv5m's bf16 and int8 answers are
+expected to be about as far from the reference's in the same precision as
+they are from their own fp32 ones, not as close as the two fp32 answers
+are.
 
 The images are generated (deterministic): photo-like colour fields with
 shapes and grain, gradients, textures and stripes, grey and colour, JPEG and
@@ -30,9 +34,9 @@ PNG, from 64 pixels to 2048 on a side and aspect ratios from 1:4 to 4:1.
 
 The model defaults to models/full-random (test/bench/make_full_model.py):
 random weights with the shapes of osv5m/baseline.  IT IS NOT THE PUBLISHED
-MODEL: its predictions mean nothing, and how far bf16 moves them says how
-sensitive a network of this depth and width is to bf16 rounding, not how
-much geolocation accuracy the published model would lose.  For that, point
+MODEL: its predictions mean nothing, and how far bf16 or int8 moves them
+says how sensitive a network of this depth and width is to that rounding,
+not how much geolocation accuracy the published model would lose.  For that, point
 --model at a directory holding the published osv5m/baseline (the tool and
 the reference both read its pytorch_model.bin) and use real photos.
 
@@ -62,6 +66,7 @@ IMAGE_SIZES = [(640, 480), (2048, 1536), (1024, 768), (1536, 2048), (1600, 1200)
                (480, 640), (224, 224), (300, 200), (64, 96), (1200, 300), (256, 1024),
                (1920, 1080), (97, 61)]
 KINDS = ("shapes", "gradient", "texture", "stripes", "horizon")
+REDUCED = ("bf16", "int8")
 
 
 # ---- inputs ---------------------------------------------------------------------
@@ -171,24 +176,35 @@ def tool_run(tool, model, threads, precision, files):
 
 
 def reference_run(model, threads, files):
-    """The PyTorch reference in fp32, then in bf16 (the same weights, rounded in
-    place): dict precision -> dict file -> (lat, lon, cell, feature)."""
+    """The PyTorch reference in fp32, then int8, then bf16, on one copy of the
+    weights: (dict precision -> dict file -> (lat, lon, cell, feature), dict
+    precision -> seconds).
+
+    What Reference(model, precision=...) does for each, without a second
+    1.3 GB copy: int8 swaps the blocks' linears for quantized ones and puts
+    them back; bf16, last, rounds the weights in place."""
     sys.path.insert(0, os.path.join(ROOT, "test", "reference"))
     import reference
 
     reference.torch.set_num_threads(threads)
     ref = reference.Reference(model)
-    out = {}
-    for precision in ("fp32", "bf16"):
-        if precision == "bf16":
-            # what Reference(model, precision="bf16") does, without a second 1.3 GB copy
+    out, seconds = {}, {}
+    for precision in ("fp32", "int8", "bf16"):
+        t0 = time.perf_counter()
+        restore = None
+        if precision == "int8":
+            restore = reference.use_int8_products(ref.net)
+        elif precision == "bf16":
             reference.use_bf16_products(ref.net)
         res = {}
         for path in files:
             r = ref.run(path, 1)
             res[path] = (r["lat"], r["lon"], r["cell"], r["feature"].astype(np.float64))
+        if restore is not None:
+            restore()
         out[precision] = res
-    return out
+        seconds[precision] = time.perf_counter() - t0
+    return out, seconds
 
 
 # ---- statistics ----------------------------------------------------------------------
@@ -234,7 +250,7 @@ def print_table(rows):
 
 def main():
     """Command line."""
-    ap = argparse.ArgumentParser(description="the accuracy cost of bf16 products against fp32")
+    ap = argparse.ArgumentParser(description="the accuracy cost of bf16 and int8 products against fp32")
     ap.add_argument("--model", default=os.path.join(ROOT, "models", "full-random"))
     ap.add_argument("--tool", default=os.path.join(ROOT, "osv5m"), help="the osv5m binary")
     ap.add_argument("--images", type=int, default=50, help="generated images (default 50)")
@@ -251,31 +267,38 @@ def main():
         files = make_images(tmp, args.images) + (test_images() if args.test_images else [])
         info = json.loads(subprocess.run([args.tool, "info", "--model", model, "--no-fingerprint"],
                                          capture_output=True, text=True, check=True).stdout)
-        print("model %s (%d layers, hidden %d), %d images; bf16 products %s (kernels %s), "
-              "%d threads" % (model, info["num_layers"], info["hidden_size"], len(files),
-                              "native" if info["precisions_native"]["bf16"] else "emulated",
-                              info["kernels"], args.threads), flush=True)
+        native = info["precisions_native"]
+        print("model %s (%d layers, hidden %d), %d images; bf16 products %s, int8 products %s "
+              "(kernels %s), %d threads" % (
+                  model, info["num_layers"], info["hidden_size"], len(files),
+                  "native" if native["bf16"] else "emulated",
+                  "native" if native["int8"] else "integer C", info["kernels"], args.threads),
+              flush=True)
         answers, seconds = {}, {}
-        for precision in ("fp32", "bf16"):
+        for precision in ("fp32",) + REDUCED:
             t0 = time.perf_counter()
             answers[precision] = tool_run(args.tool, model, args.threads, precision, files)
             seconds[precision] = time.perf_counter() - t0
             print("osv5m %s: %.1f s for %d images (model opening included)" % (
                 precision, seconds[precision], len(files)), flush=True)
-        rows = [("osv5m bf16 vs osv5m fp32", compare(answers["fp32"], answers["bf16"], files))]
+        rows = [("osv5m %s vs osv5m fp32" % p, compare(answers["fp32"], answers[p], files))
+                for p in REDUCED]
 
         subset = files[:max(0, min(args.reference_images, len(files)))]
+        ref_seconds = {}
         if subset:
-            t0 = time.perf_counter()
-            ref = reference_run(model, args.threads, subset)
-            print("reference fp32 and bf16: %.1f s for %d images" % (
-                time.perf_counter() - t0, len(subset)), flush=True)
-            rows += [
-                ("reference bf16 vs reference fp32", compare(ref["fp32"], ref["bf16"], subset)),
-                ("osv5m bf16 vs osv5m fp32, same images", compare(answers["fp32"], answers["bf16"], subset)),
-                ("osv5m bf16 vs reference bf16", compare(ref["bf16"], answers["bf16"], subset)),
-                ("osv5m fp32 vs reference fp32", compare(ref["fp32"], answers["fp32"], subset)),
-            ]
+            ref, ref_seconds = reference_run(model, args.threads, subset)
+            print("reference: %s for %d images" % (", ".join(
+                "%s %.1f s" % (p, ref_seconds[p]) for p in ("fp32",) + REDUCED), len(subset)),
+                flush=True)
+            for p in REDUCED:
+                rows += [
+                    ("reference %s vs reference fp32" % p, compare(ref["fp32"], ref[p], subset)),
+                    ("osv5m %s vs osv5m fp32, same images" % p,
+                     compare(answers["fp32"], answers[p], subset)),
+                    ("osv5m %s vs reference %s" % (p, p), compare(ref[p], answers[p], subset)),
+                ]
+            rows.append(("osv5m fp32 vs reference fp32", compare(ref["fp32"], answers["fp32"], subset)))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -288,7 +311,9 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": model, "threads": args.threads, "kernels": info["kernels"],
-                       "bf16_native": info["precisions_native"]["bf16"], "seconds": seconds,
+                       "bf16_native": info["precisions_native"]["bf16"],
+                       "int8_native": info["precisions_native"]["int8"], "seconds": seconds,
+                       "reference_seconds": ref_seconds,
                        "rows": [dict(s, compared=name) for name, s in rows]}, f, indent=1)
     return 0
 
