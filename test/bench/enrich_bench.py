@@ -9,6 +9,8 @@ table of generated JPEGs of camera sizes (640x480 to 2048x1536):
       update      UPDATE photos SET loc = geolocate(img) WHERE loc IS NULL
       enrich_1    CALL osv5m_enrich(..., workers => 1), THREADS BLAS threads
       enrich_N    CALL osv5m_enrich(..., workers => N), THREADS / N each
+      enrich_1_bf16, enrich_1_int8
+                  enrich_1 with osv5m.precision = bf16 or int8
       pytorch     the pipeline beside the database: psycopg2 reads the rows,
                   PIL decodes, test/reference/reference.py runs the network
                   (1 intra-op thread, THREADS OpenBLAS threads: PyTorch's
@@ -33,6 +35,9 @@ so run it after `make install`, as root or as a user that may read the
 server processes' /proc/PID/smaps_rollup.  Targets: throughput >= 1.3x the
 PyTorch pipeline's, < 100 MB private memory per busy backend, < 100 ms
 first-call overhead.
+
+The server uses a pack cache (osv5m.pack_cache_dir, in the cluster's
+folder; --no-pack-cache: none), as a production server should.
 
   test/bench/enrich_bench.py                        # full: 200 rows, 3 runs (30-60 min)
   test/bench/enrich_bench.py --rows 20 --runs 1     # a quick look
@@ -85,12 +90,18 @@ def make_images(folder, rows):
     return paths
 
 
-def start_cluster(folder, port):
-    """initdb and start a cluster with test/pg/cluster.sh; returns PGHOST."""
+def start_cluster(folder, port, pack_cache):
+    """initdb and start a cluster with test/pg/cluster.sh; returns PGHOST.
+    With pack_cache, the server's osv5m.pack_cache_dir is FOLDER/pack, made
+    by the server's OS user with mode 0700 (what the setting requires)."""
+    pack = os.path.abspath(os.path.join(folder, "pack"))
     script = ('source test/pg/cluster.sh && cluster_init "$1" "$2" '
-              '"max_worker_processes = 16" "shared_buffers = 256MB" >/dev/null && '
+              '"max_worker_processes = 16" "shared_buffers = 256MB" "$3" >/dev/null && '
+              '{ [ "$4" = 0 ] || as_pguser mkdir -m 700 "$4"; } && '
               'cluster_start "$1" && echo "$PGHOST"')
-    out = subprocess.run(["bash", "-c", script, "bench", folder, str(port)], cwd=ROOT,
+    conf = ("osv5m.pack_cache_dir = '%s'" % pack) if pack_cache else "# no pack cache"
+    out = subprocess.run(["bash", "-c", script, "bench", folder, str(port), conf,
+                          pack if pack_cache else "0"], cwd=ROOT,
                          check=True, capture_output=True, text=True)
     return out.stdout.strip().splitlines()[-1]
 
@@ -170,11 +181,15 @@ class Bench:
         conn.close()
         return dt
 
-    def run_enrich(self, workers):
-        """osv5m_enrich with 1 or N workers; threads split among workers.
-        While it runs, the peak USS of its background workers is kept."""
+    def run_enrich(self, workers, precision=None):
+        """osv5m_enrich with 1 or N workers; threads split among workers;
+        in precision (osv5m.precision) when given.  While it runs, the peak
+        USS of its background workers is kept."""
         threads = max(1, self.args.threads // workers)
         conn = self.connect(threads)
+        if precision:
+            with conn.cursor() as cur:
+                cur.execute("SET osv5m.precision = %s", (precision,))
         if self.args.images_per_run:
             with conn.cursor() as cur:
                 cur.execute("SET osv5m.images_per_run = %s", (self.args.images_per_run,))
@@ -374,9 +389,12 @@ def main():
     ap.add_argument("--images-per-run", type=int, default=0,
                     help="osv5m.images_per_run for osv5m_enrich (default: the server's)")
     ap.add_argument("--only",
-                    default="update,enrich_1,enrich_N,pytorch,pytorch_tuned,memory,first_call",
+                    default="update,enrich_1,enrich_N,enrich_1_bf16,enrich_1_int8,pytorch,"
+                    "pytorch_tuned,memory,first_call",
                     help="comma-separated subset of the measurements")
     ap.add_argument("--keep", action="store_true", help="leave the cluster running")
+    ap.add_argument("--no-pack-cache", action="store_true",
+                    help="no osv5m.pack_cache_dir: weights packed on the fly")
     # internal: the PyTorch pipeline runs in its own process
     ap.add_argument("--pytorch-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--host", help=argparse.SUPPRESS)
@@ -389,11 +407,12 @@ def main():
     if not os.path.exists(os.path.join(args.model, "model.safetensors")):
         sys.exit("no model in %s: run test/bench/make_full_model.py first" % args.model)
     paths = make_images(os.path.join(args.dir, "images"), args.rows)
-    host = start_cluster(os.path.join(args.dir, "pg"), args.port)
+    host = start_cluster(os.path.join(args.dir, "pg"), args.port, not args.no_pack_cache)
     results = {"rows": args.rows, "runs": args.runs, "threads": args.threads,
                "workers": args.workers, "batch_size": args.batch_size,
                "images_per_run": args.images_per_run or "server default",
-               "model": args.model, "cpus": os.cpu_count()}
+               "model": args.model, "cpus": os.cpu_count(),
+               "pack_cache": not args.no_pack_cache}
     try:
         b = Bench(args, host)
         b.setup(paths)
@@ -404,7 +423,11 @@ def main():
                     lambda: b.run_enrich(1)),
                    ("enrich_N", "CALL osv5m_enrich(workers => %d)" % args.workers,
                     "%d x %d" % (args.workers, max(1, args.threads // args.workers)),
-                    lambda: b.run_enrich(args.workers))]
+                    lambda: b.run_enrich(args.workers)),
+                   ("enrich_1_bf16", "the same as workers => 1, precision bf16",
+                    "1 x %d" % args.threads, lambda: b.run_enrich(1, "bf16")),
+                   ("enrich_1_int8", "the same as workers => 1, precision int8",
+                    "1 x %d" % args.threads, lambda: b.run_enrich(1, "int8"))]
         if "pytorch" in only or "pytorch_tuned" in only:
             log("calibrating PyTorch's OpenBLAS kernels")
             best, trial = calibrate_coretype(args.model, args.threads, paths)
@@ -435,8 +458,9 @@ def main():
                             "seconds": times[key], "rows_per_second": rates[key]}
 
         print("osv5m bulk enrichment: %d rows, %d run(s) each, alternated, median; %d cores, "
-              "%d threads in all; server on its %s kernels"
-              % (args.rows, args.runs, os.cpu_count(), args.threads, results["server_kernels"]))
+              "%d threads in all; server on its %s kernels, %s"
+              % (args.rows, args.runs, os.cpu_count(), args.threads, results["server_kernels"],
+                 "no pack cache" if args.no_pack_cache else "with a pack cache"))
         print("%-44s %-9s %10s %10s %10s" % ("pipeline", "procs x thr", "rows/s", "vs pytorch",
                                              "vs tuned"))
         for key, label, shape, _ in configs:
