@@ -738,41 +738,49 @@ pack_a_avx512(const osv_gemm *g, int lo, int hi, float *dst)
 	}
 }
 
+/*
+ * The rows of an AVX-512 panel: full tiles of MR_AVX512 rows, each starting
+ * part of the prefetch of the next panel, then the last rows with one copy
+ * of the tile per count (each with its registers).  TILE(r, i0) runs the
+ * tile of r rows at row i0; g, tiles and ahead are the panel's.
+ */
+#define AVX512_PANEL_ROWS(TILE) \
+	do { \
+		int			i0_ = 0; \
+		int			tiles_ = (g->m + MR_AVX512 - 1) / MR_AVX512; \
+		for (; i0_ + MR_AVX512 <= g->m; i0_ += MR_AVX512) \
+		{ \
+			prefetch_part(ahead, i0_ / MR_AVX512, tiles_); \
+			TILE(MR_AVX512, i0_); \
+		} \
+		if (i0_ == g->m) \
+			break; \
+		prefetch_part(ahead, tiles_ - 1, tiles_); \
+		switch (g->m - i0_) \
+		{ \
+			case 1: TILE(1, i0_); break; \
+			case 2: TILE(2, i0_); break; \
+			case 3: TILE(3, i0_); break; \
+			case 4: TILE(4, i0_); break; \
+			case 5: TILE(5, i0_); break; \
+			case 6: TILE(6, i0_); break; \
+			case 7: TILE(7, i0_); break; \
+			case 8: TILE(8, i0_); break; \
+			case 9: TILE(9, i0_); break; \
+			case 10: TILE(10, i0_); break; \
+			case 11: TILE(11, i0_); break; \
+			case 12: TILE(12, i0_); break; \
+			case 13: TILE(13, i0_); break; \
+		} \
+	} while (0)
+
 static AVX512_TARGET void
 panel_avx512(const osv_gemm *g, const float *packed_a, const float *packed_b,
 			 int n0, int cols, prefetch ahead)
 {
-	int			i0 = 0;
-	int			tiles = (g->m + MR_AVX512 - 1) / MR_AVX512;
-
-	for (; i0 + MR_AVX512 <= g->m; i0 += MR_AVX512)
-	{
-		prefetch_part(ahead, i0 / MR_AVX512, tiles);
-		tile_avx512(g, MR_AVX512, i0, packed_a + (size_t) i0 * g->k, packed_b, n0, cols);
-	}
-	if (i0 == g->m)
-		return;
-	prefetch_part(ahead, tiles - 1, tiles);
-	/* the last rows: one copy of the tile per count, each with its registers */
-	packed_a += (size_t) i0 * g->k;
-	switch (g->m - i0)
-	{
-#define REST(r) case r: tile_avx512(g, r, i0, packed_a, packed_b, n0, cols); break
-			REST(1);
-			REST(2);
-			REST(3);
-			REST(4);
-			REST(5);
-			REST(6);
-			REST(7);
-			REST(8);
-			REST(9);
-			REST(10);
-			REST(11);
-			REST(12);
-			REST(13);
-#undef REST
-	}
+#define TILE(r, i0) tile_avx512(g, r, i0, packed_a + (size_t) (i0) * g->k, packed_b, n0, cols)
+	AVX512_PANEL_ROWS(TILE);
+#undef TILE
 }
 
 /* ---- the AVX-512 path's native bf16 products ------------------------------ */
@@ -895,37 +903,11 @@ static AVX512BF16_TARGET void
 panel_bf16(const osv_gemm *g, const uint16_t *packed_a, const uint16_t *packed_b,
 		   int n0, int cols, prefetch ahead)
 {
-	int			i0 = 0;
-	int			tiles = (g->m + MR_AVX512 - 1) / MR_AVX512;
 	size_t		block = (size_t) MR_AVX512 * ((g->k + 1) / 2) * 2;	/* uint16 per block of A */
 
-	for (; i0 + MR_AVX512 <= g->m; i0 += MR_AVX512)
-	{
-		prefetch_part(ahead, i0 / MR_AVX512, tiles);
-		tile_bf16(g, MR_AVX512, i0, packed_a + (size_t) (i0 / MR_AVX512) * block, packed_b, n0, cols);
-	}
-	if (i0 == g->m)
-		return;
-	prefetch_part(ahead, tiles - 1, tiles);
-	packed_a += (size_t) (i0 / MR_AVX512) * block;
-	switch (g->m - i0)
-	{
-#define REST(r) case r: tile_bf16(g, r, i0, packed_a, packed_b, n0, cols); break
-			REST(1);
-			REST(2);
-			REST(3);
-			REST(4);
-			REST(5);
-			REST(6);
-			REST(7);
-			REST(8);
-			REST(9);
-			REST(10);
-			REST(11);
-			REST(12);
-			REST(13);
-#undef REST
-	}
+#define TILE(r, i0) tile_bf16(g, r, i0, packed_a + (size_t) ((i0) / MR_AVX512) * block, packed_b, n0, cols)
+	AVX512_PANEL_ROWS(TILE);
+#undef TILE
 }
 
 /* ---- the AVX-512 path's native int8 products --------------------------------- */
@@ -1082,36 +1064,11 @@ tile_int8(const osv_gemm *g, const int mr, int i0, const uint8_t *a, const float
 static AVX512VNNI_TARGET void
 panel_int8(const osv_gemm *g, int8_a a, int8_b b, int n0, int cols, prefetch ahead)
 {
-	int			i0 = 0;
-	int			tiles = (g->m + MR_AVX512 - 1) / MR_AVX512;
 	size_t		block = (size_t) MR_AVX512 * ((g->k + 3) / 4) * 4;	/* bytes per block of A */
 
-	for (; i0 + MR_AVX512 <= g->m; i0 += MR_AVX512)
-	{
-		prefetch_part(ahead, i0 / MR_AVX512, tiles);
-		tile_int8(g, MR_AVX512, i0, a.q + (size_t) (i0 / MR_AVX512) * block, a.scales, b, n0, cols);
-	}
-	if (i0 == g->m)
-		return;
-	prefetch_part(ahead, tiles - 1, tiles);
-	switch (g->m - i0)
-	{
-#define REST(r) case r: tile_int8(g, r, i0, a.q + (size_t) (i0 / MR_AVX512) * block, a.scales, b, n0, cols); break
-			REST(1);
-			REST(2);
-			REST(3);
-			REST(4);
-			REST(5);
-			REST(6);
-			REST(7);
-			REST(8);
-			REST(9);
-			REST(10);
-			REST(11);
-			REST(12);
-			REST(13);
-#undef REST
-	}
+#define TILE(r, i0) tile_int8(g, r, i0, a.q + (size_t) ((i0) / MR_AVX512) * block, a.scales, b, n0, cols)
+	AVX512_PANEL_ROWS(TILE);
+#undef TILE
 }
 
 /* ---- the AVX2 path ------------------------------------------------------- */

@@ -211,6 +211,67 @@ expected_bits_bf16(const osv_gemm *g, const float *c_before, float *out)
 }
 
 /*
+ * g (bf16 or int8) on every path the CPU runs, on 1 and 2 threads, serially,
+ * and with B packed in advance in g's precision when B is a weight: each
+ * must give exactly want's bits.
+ */
+static void
+check_every_path(const osv_gemm *g, const float *c0, const float *want, float *c, float *packed,
+				 float *scratch, const char *what)
+{
+	size_t		bytes = (size_t) g->m * g->ldc * sizeof(float);
+	const char *precision = g->int8 ? "int8" : "bf16";
+	bool		weight = g->b_is_nk && g->ldb == (size_t) g->k;
+	size_t		packed_bytes = g->int8 ? osv_gemm_packed_weight_int8_bytes(g->n, g->k, 32) :
+		osv_gemm_packed_weight_halves(g->n, g->k, 32) * sizeof(uint16_t);
+	void	   *prepacked = weight ? aligned_alloc(64, (packed_bytes + 63) / 64 * 64) : NULL;
+	osv_error	err;
+
+	for (int path = OSV_KERNELS_AVX512_BF16_VNNI; path <= OSV_KERNELS_PORTABLE; path++)
+	{
+		if (!osv_gemm_use_kernels((osv_kernels) path))
+			continue;
+		for (int threads = 1; threads <= 2; threads++)
+		{
+			CHECK(osv_pool_prepare(threads, osv_gemm_scratch_floats(0, g->k) * sizeof(float), &err) == OSV_OK,
+				  "pool: %s", err.message);
+			memcpy(c, c0, bytes);
+			osv_gemm_run(g, packed);
+			CHECK(memcmp(c, want, bytes) == 0, "%s %s: %s kernels on %d threads are not the definition's bits",
+				  what, precision, path_names[path], threads);
+		}
+		memcpy(c, c0, bytes);
+		osv_gemm_serial(g, scratch);
+		CHECK(memcmp(c, want, bytes) == 0, "%s %s: %s kernels, serial, are not the definition's bits",
+			  what, precision, path_names[path]);
+		if (prepacked != NULL)
+		{
+			osv_gemm	gp = *g;
+
+			if (g->int8)
+			{
+				gp.b_packed8_nr = osv_gemm_nr();
+				osv_gemm_pack_weight_int8(g->b, g->n, g->k, gp.b_packed8_nr, prepacked);
+				gp.b_packed8 = prepacked;
+			}
+			else
+			{
+				gp.b_packed16_nr = osv_gemm_nr();
+				osv_gemm_pack_weight_bf16(g->b, g->n, g->k, gp.b_packed16_nr, prepacked);
+				gp.b_packed16 = prepacked;
+			}
+			memcpy(c, c0, bytes);
+			osv_gemm_run(&gp, packed);
+			CHECK(memcmp(c, want, bytes) == 0,
+				  "%s %s: %s kernels, weights packed in advance, are not the definition's bits",
+				  what, precision, path_names[path]);
+		}
+	}
+	osv_gemm_use_kernels(OSV_KERNELS_AUTO);
+	free(prepacked);
+}
+
+/*
  * The bf16 products of g (on every path, thread count and entry point, and
  * from weights packed in advance when B is a weight) against the bits
  * written from the definition; and those bits against the float32
@@ -223,46 +284,11 @@ check_bf16(osv_gemm g, const float *c0, float *want, float *c, float *packed, fl
 		   const char *what)
 {
 	size_t		bytes = (size_t) g.m * g.ldc * sizeof(float);
-	uint16_t   *packed16 = NULL;
-	osv_error	err;
 
 	g.bf16 = true;
 	memcpy(want, c0, bytes);
 	expected_bits_bf16(&g, c0, want);
-	if (g.b_is_nk && g.ldb == (size_t) g.k)
-		packed16 = aligned_alloc(64, (osv_gemm_packed_weight_halves(g.n, g.k, 32) * 2 + 63) / 64 * 64);
-	for (int path = OSV_KERNELS_AVX512_BF16_VNNI; path <= OSV_KERNELS_PORTABLE; path++)
-	{
-		if (!osv_gemm_use_kernels((osv_kernels) path))
-			continue;
-		for (int threads = 1; threads <= 2; threads++)
-		{
-			CHECK(osv_pool_prepare(threads, osv_gemm_scratch_floats(0, g.k) * sizeof(float), &err) == OSV_OK,
-				  "pool: %s", err.message);
-			memcpy(c, c0, bytes);
-			osv_gemm_run(&g, packed);
-			CHECK(memcmp(c, want, bytes) == 0, "%s bf16: %s kernels on %d threads are not the definition's bits",
-				  what, path_names[path], threads);
-		}
-		memcpy(c, c0, bytes);
-		osv_gemm_serial(&g, scratch);
-		CHECK(memcmp(c, want, bytes) == 0, "%s bf16: %s kernels, serial, are not the definition's bits",
-			  what, path_names[path]);
-		if (packed16 != NULL)
-		{
-			osv_gemm	gp = g;
-
-			gp.b_packed16_nr = osv_gemm_nr();
-			osv_gemm_pack_weight_bf16(g.b, g.n, g.k, gp.b_packed16_nr, packed16);
-			gp.b_packed16 = packed16;
-			memcpy(c, c0, bytes);
-			osv_gemm_run(&gp, packed);
-			CHECK(memcmp(c, want, bytes) == 0, "%s bf16: %s kernels, weights packed in advance, are not the definition's bits",
-				  what, path_names[path]);
-		}
-	}
-	osv_gemm_use_kernels(OSV_KERNELS_AUTO);
-	free(packed16);
+	check_every_path(&g, c0, want, c, packed, scratch, what);
 
 	/* against the float32 product, before any epilogue */
 	if (g.alpha == 1.0f && g.bias == NULL && !g.accumulate && g.post == NULL)
@@ -356,48 +382,13 @@ check_int8(osv_gemm g, const float *c0, float *want, float *c, float *packed, fl
 		   const char *what)
 {
 	size_t		bytes = (size_t) g.m * g.ldc * sizeof(float);
-	uint8_t    *packed8 = NULL;
 	float	   *a_scale = malloc((size_t) g.m * sizeof(float));
 	float	   *b_scale = malloc((size_t) g.n * sizeof(float));
-	osv_error	err;
 
 	g.int8 = true;
 	memcpy(want, c0, bytes);
 	expected_bits_int8(&g, c0, want, a_scale, b_scale);
-	if (g.b_is_nk && g.ldb == (size_t) g.k)
-		packed8 = aligned_alloc(64, (osv_gemm_packed_weight_int8_bytes(g.n, g.k, 32) + 63) / 64 * 64);
-	for (int path = OSV_KERNELS_AVX512_BF16_VNNI; path <= OSV_KERNELS_PORTABLE; path++)
-	{
-		if (!osv_gemm_use_kernels((osv_kernels) path))
-			continue;
-		for (int threads = 1; threads <= 2; threads++)
-		{
-			CHECK(osv_pool_prepare(threads, osv_gemm_scratch_floats(0, g.k) * sizeof(float), &err) == OSV_OK,
-				  "pool: %s", err.message);
-			memcpy(c, c0, bytes);
-			osv_gemm_run(&g, packed);
-			CHECK(memcmp(c, want, bytes) == 0, "%s int8: %s kernels on %d threads are not the definition's bits",
-				  what, path_names[path], threads);
-		}
-		memcpy(c, c0, bytes);
-		osv_gemm_serial(&g, scratch);
-		CHECK(memcmp(c, want, bytes) == 0, "%s int8: %s kernels, serial, are not the definition's bits",
-			  what, path_names[path]);
-		if (packed8 != NULL)
-		{
-			osv_gemm	gp = g;
-
-			gp.b_packed8_nr = osv_gemm_nr();
-			osv_gemm_pack_weight_int8(g.b, g.n, g.k, gp.b_packed8_nr, packed8);
-			gp.b_packed8 = packed8;
-			memcpy(c, c0, bytes);
-			osv_gemm_run(&gp, packed);
-			CHECK(memcmp(c, want, bytes) == 0, "%s int8: %s kernels, weights packed in advance, are not the definition's bits",
-				  what, path_names[path]);
-		}
-	}
-	osv_gemm_use_kernels(OSV_KERNELS_AUTO);
-	free(packed8);
+	check_every_path(&g, c0, want, c, packed, scratch, what);
 
 	if (g.alpha == 1.0f && g.bias == NULL && !g.accumulate && g.post == NULL)
 		for (int i = 0; i < g.m; i++)
