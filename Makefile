@@ -50,7 +50,7 @@ src/cli/osv5m.o: src/cli/osv5m.c src/core/osv5m.h
 osv5m: src/cli/osv5m.o $(CORE_OBJS)
 	$(CC) $(CFLAGS) -o $@ $^ $(OSV_LIBS)
 
-$(CORE_OBJS): src/core/osv5m.h src/core/internal.h src/core/blas.h src/core/gemm.h src/core/pool.h src/core/network.h
+$(CORE_OBJS): $(wildcard src/core/*.h)
 
 # the compiler flags live here: a change rebuilds everything
 $(OBJS) src/cli/osv5m.o: Makefile
@@ -73,11 +73,11 @@ TEST_CFLAGS = -std=gnu11 -g -Wall -Wextra -Wno-unused-parameter -pthread $(OSV_F
 UNIT_SRCS = $(sort $(wildcard test/unit/test_*.c))
 UNIT_SUPPORT = $(filter-out $(UNIT_SRCS),$(wildcard test/unit/*.c))
 
-build/plain/%: test/unit/%.c $(UNIT_SUPPORT) $(CORE_SRCS) src/core/osv5m.h src/core/internal.h
+build/plain/%: test/unit/%.c $(UNIT_SUPPORT) $(CORE_SRCS) $(wildcard src/core/*.h)
 	@mkdir -p $(dir $@)
 	$(CC) $(TEST_CFLAGS) -O3 $(OSV_ARCH) -o $@ $< $(UNIT_SUPPORT) $(CORE_SRCS) $(OSV_LIBS)
 
-build/asan/%: test/unit/%.c $(UNIT_SUPPORT) $(CORE_SRCS) src/core/osv5m.h src/core/internal.h
+build/asan/%: test/unit/%.c $(UNIT_SUPPORT) $(CORE_SRCS) $(wildcard src/core/*.h)
 	@mkdir -p $(dir $@)
 	$(CC) $(TEST_CFLAGS) -O1 -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all -o $@ $< $(UNIT_SUPPORT) $(CORE_SRCS) $(OSV_LIBS)
 

@@ -36,6 +36,7 @@
  */
 #include "gemm.h"
 
+#include "activation.h"
 #include "pool.h"
 
 #include <float.h>
@@ -339,7 +340,12 @@ quantize_one(float x, float factor)
 
 	v = fmaxf(v, -127.0f);
 	v = fminf(v, 127.0f);
-	return (int) nearbyintf(v);
+	/*
+	 * nearbyintf(v) in the default rounding mode, without a libm call (one
+	 * per value where the CPU lacks SSE4.1's roundss): adding 1.5 * 2^23
+	 * rounds to an integer, to nearest even, exactly for |v| <= 127
+	 */
+	return (int) ((v + 12582912.0f) - 12582912.0f);
 }
 
 float
@@ -430,6 +436,18 @@ pack_b8(const osv_gemm *g, int nr, int n0, uint8_t *dst, float *scales, int32_t 
 	}
 }
 
+/* g->post applied to cols outputs of a row, one at a time (the scalar definition). */
+static inline void
+post_row(const osv_gemm *g, float *row, int cols)
+{
+	if (g->post == OSV_POST_GELU)
+		for (int j = 0; j < cols; j++)
+			row[j] = osv_gelu(row[j]);
+	else if (g->post == OSV_POST_QUICK_GELU)
+		for (int j = 0; j < cols; j++)
+			row[j] = osv_quick_gelu(row[j]);
+}
+
 /* The float32 value of an int8 output before the epilogue, in gemm.h's order. */
 static inline float
 int8_value(int32_t acc, int32_t sum, float a_scale, float b_scale)
@@ -476,8 +494,7 @@ panel8_c(const osv_gemm *g, int mr, int nr, int8_a a, int8_b b, int n0, int cols
 					v = out[j] + v;
 				out[j] = v;
 			}
-			if (g->post != NULL)
-				g->post(out, cols);
+			post_row(g, out, cols);
 		}
 	}
 }
@@ -533,8 +550,7 @@ tile_portable(const osv_gemm *g, int mr, int i0, const float *a, const float *b,
 				v = row[j] + v;
 			row[j] = v;
 		}
-		if (g->post != NULL)
-			g->post(row, cols);
+		post_row(g, row, cols);
 	}
 }
 
@@ -593,10 +609,18 @@ store_row_avx512(const osv_gemm *g, int i, int n0, int cols, __m512 v0, __m512 v
 		v0 = _mm512_add_ps(_mm512_maskz_loadu_ps(mask0, row), v0);
 		v1 = _mm512_add_ps(_mm512_maskz_loadu_ps(mask1, row + 16), v1);
 	}
+	if (g->post == OSV_POST_GELU)
+	{
+		v0 = osv_gelu16(v0);
+		v1 = osv_gelu16(v1);
+	}
+	else if (g->post == OSV_POST_QUICK_GELU)
+	{
+		v0 = osv_quick_gelu16(v0);
+		v1 = osv_quick_gelu16(v1);
+	}
 	_mm512_mask_storeu_ps(row, mask0, v0);
 	_mm512_mask_storeu_ps(row + 16, mask1, v1);
-	if (g->post != NULL)
-		g->post(row, cols);
 }
 
 /* The epilogue of a tile of mr rows at row i0. */
@@ -714,7 +738,16 @@ pack_b_avx512(const osv_gemm *g, int n0, float *dst)
 			dst[(size_t) p * NR_AVX512 + j] = g->b[(size_t) (n0 + j) * g->ldb + p];
 }
 
-/* pack_a for MR = 14: full blocks transposed in registers, the rest as pack_a does. */
+/* The rows of A in block blk of MR_AVX512 rows: MR_AVX512, or fewer in the last block. */
+static inline int
+block_rows(const osv_gemm *g, int blk)
+{
+	int			rows = g->m - blk * MR_AVX512;
+
+	return rows < MR_AVX512 ? rows : MR_AVX512;
+}
+
+/* pack_a for MR = 14: transposed in registers, 16 values of k at a time (zero rows past m). */
 static AVX512_TARGET void
 pack_a_avx512(const osv_gemm *g, int lo, int hi, float *dst)
 {
@@ -722,19 +755,15 @@ pack_a_avx512(const osv_gemm *g, int lo, int hi, float *dst)
 	{
 		float	   *out = dst + (size_t) blk * MR_AVX512 * g->k;
 		const float *src = g->a + (size_t) blk * MR_AVX512 * g->lda;
+		int			rows = block_rows(g, blk);
 		int			p = 0;
 
-		if ((blk + 1) * MR_AVX512 > g->m)
-		{
-			pack_a(g, MR_AVX512, blk, blk + 1, dst);
-			continue;
-		}
 		for (; p + 16 <= g->k; p += 16)
-			transpose_avx512(src + p, g->lda, MR_AVX512, out + (size_t) p * MR_AVX512,
+			transpose_avx512(src + p, g->lda, rows, out + (size_t) p * MR_AVX512,
 							 MR_AVX512, (1 << MR_AVX512) - 1);
 		for (; p < g->k; p++)
 			for (int i = 0; i < MR_AVX512; i++)
-				out[(size_t) p * MR_AVX512 + i] = src[(size_t) i * g->lda + p];
+				out[(size_t) p * MR_AVX512 + i] = i < rows ? src[(size_t) i * g->lda + p] : 0.0f;
 	}
 }
 
@@ -826,7 +855,7 @@ pairs_transposed(const float *src, size_t lds, int rows, uint16_t *dst, size_t l
 	transpose_avx512((const float *) words, 16, rows, (float *) dst, ldd, keep);
 }
 
-/* pack_a16 for MR = 14: full blocks 32 values of k at a time, the rest as pack_a16 does. */
+/* pack_a16 for MR = 14: 32 values of k at a time when k allows, else as pack_a16 does. */
 static AVX512_TARGET void
 pack_a16_avx512(const osv_gemm *g, int lo, int hi, uint16_t *dst)
 {
@@ -838,14 +867,15 @@ pack_a16_avx512(const osv_gemm *g, int lo, int hi, uint16_t *dst)
 		const float *src = g->a + (size_t) blk * MR_AVX512 * g->lda;
 		int			p = 0;
 
-		if ((blk + 1) * MR_AVX512 > g->m || g->k % 32 != 0)
+		if (g->k % 32 != 0)
 		{
 			pack_a16(g, MR_AVX512, blk, blk + 1, dst);
 			continue;
 		}
+		/* rows past m: zeros, as pack_a16 pads */
 		for (; p < g->k; p += 32)
-			pairs_transposed(src + p, g->lda, MR_AVX512, out + (size_t) p / 2 * MR_AVX512 * 2,
-							 MR_AVX512, (1 << MR_AVX512) - 1);
+			pairs_transposed(src + p, g->lda, block_rows(g, blk),
+							 out + (size_t) p / 2 * MR_AVX512 * 2, MR_AVX512, (1 << MR_AVX512) - 1);
 	}
 }
 
@@ -951,7 +981,7 @@ quantize16(__m512 x, __m512 factor)
 	return _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(v), _mm512_set1_epi32(128)));
 }
 
-/* pack_a8 for MR = 14: full blocks 64 values of k at a time, the rest as pack_a8 does. */
+/* pack_a8 for MR = 14: 64 values of k at a time when k allows, else as pack_a8 does. */
 static AVX512_TARGET void
 pack_a8_avx512(const osv_gemm *g, int lo, int hi, int8_a dst)
 {
@@ -962,13 +992,14 @@ pack_a8_avx512(const osv_gemm *g, int lo, int hi, int8_a dst)
 		uint8_t    *out = dst.q + (size_t) blk * MR_AVX512 * kq * 4;
 		const float *src = g->a + (size_t) blk * MR_AVX512 * g->lda;
 		__m512		factor[MR_AVX512];
+		int			rows = block_rows(g, blk);
 
-		if ((blk + 1) * MR_AVX512 > g->m || g->k % 64 != 0)
+		if (g->k % 64 != 0)
 		{
 			pack_a8(g, MR_AVX512, blk, blk + 1, dst);
 			continue;
 		}
-		for (int i = 0; i < MR_AVX512; i++)
+		for (int i = 0; i < rows; i++)
 		{
 			float		largest = largest_magnitude16(src + (size_t) i * g->lda, g->k);
 
@@ -979,7 +1010,7 @@ pack_a8_avx512(const osv_gemm *g, int lo, int hi, int8_a dst)
 		{
 			uint32_t	words[16 * 16] __attribute__((aligned(64)));
 
-			for (int i = 0; i < MR_AVX512; i++)
+			for (int i = 0; i < rows; i++)
 			{
 				const float *row = src + (size_t) i * g->lda + p;
 
@@ -987,8 +1018,8 @@ pack_a8_avx512(const osv_gemm *g, int lo, int hi, int8_a dst)
 					_mm_store_si128((__m128i *) (words + i * 16 + part * 4),
 									quantize16(_mm512_loadu_ps(row + part * 16), factor[i]));
 			}
-			/* quads of bytes, one 32-bit word each: transposed to [k/4][MR] */
-			transpose_avx512((const float *) words, 16, MR_AVX512,
+			/* quads of bytes, one 32-bit word each: transposed to [k/4][MR], rows past m 0 */
+			transpose_avx512((const float *) words, 16, rows,
 							 (float *) (out + (size_t) p / 4 * MR_AVX512 * 4), MR_AVX512,
 							 (1 << MR_AVX512) - 1);
 		}
@@ -1138,8 +1169,7 @@ tile_avx2(const osv_gemm *g, const int mr, int i0, const float *a,
 		}
 		_mm256_maskstore_ps(row, mask0, v0);
 		_mm256_maskstore_ps(row + 8, mask1, v1);
-		if (g->post != NULL)
-			g->post(row, cols);
+		post_row(g, row, cols);
 	}
 }
 
@@ -1315,6 +1345,12 @@ const char *
 osv_gemm_kernels_name(void)
 {
 	return path()->name;
+}
+
+bool
+osv_gemm_avx512(void)
+{
+	return path()->mr == MR_AVX512;
 }
 
 /* ---- running a product ---------------------------------------------------- */
@@ -1629,7 +1665,8 @@ osv_gemm_run(const osv_gemm *g, float *packed_a)
 {
 	run_step	s = {g, path(), packed_a};
 
-	osv_pool_run(pack_a_step, &s);
+	if (!g->a_packed)
+		osv_pool_run(pack_a_step, &s);
 	osv_pool_run(panels_step, &s);
 }
 

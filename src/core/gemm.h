@@ -4,6 +4,8 @@
  *
  *   C[i, j] = post(C[i, j] (if accumulate) + (alpha * sum_k A[i, k] B(k, j) + bias[j]))
  *
+ * (post: an activation of activation.h, or none)
+ *
  * A is row-major [m, k] with leading dimension lda.  B is either a PyTorch
  * weight, row-major [n, k] (b_is_nk: B(k, j) = b[j * ldb + k]), or
  * row-major [k, n] (B(k, j) = b[k * ldb + j]).  Every C[i, j] is one chain
@@ -18,6 +20,14 @@
 
 #include "internal.h"
 
+/* The activation applied to each output last (activation.h's functions), if any. */
+typedef enum osv_gemm_post
+{
+	OSV_POST_NONE = 0,
+	OSV_POST_GELU,				/* osv_gelu */
+	OSV_POST_QUICK_GELU			/* osv_quick_gelu */
+} osv_gemm_post;
+
 typedef struct osv_gemm
 {
 	int			m,
@@ -31,10 +41,19 @@ typedef struct osv_gemm
 	float		alpha;
 	const float *bias;			/* [n] or NULL */
 	bool		accumulate;		/* C = C + result, else C = result */
+	/*
+	 * osv_gemm_run only: its packed_a already holds this A, packed by the
+	 * previous product run with it (same a, lda, m, k and precision), so it
+	 * is not packed again (the key and value projections share one A)
+	 */
+	bool		a_packed;
 	float	   *c;
 	size_t		ldc;
-	/* applied in place to each finished stretch of a row of C, or NULL */
-	void		(*post) (float *row, int n);
+	/*
+	 * applied to each output after the rest of the epilogue: in registers
+	 * where the path has the activation's vector form (the same bits)
+	 */
+	osv_gemm_post post;
 	/*
 	 * b (b_is_nk, ldb == k) already packed in panels of b_packed_nr columns
 	 * (osv_gemm_pack_weight), or NULL: used when the kernels' panel width is
@@ -99,6 +118,12 @@ const char *osv_gemm_kernels_name(void);
  * path unchanged, when this CPU cannot run it.
  */
 bool		osv_gemm_use_kernels(osv_kernels which);
+
+/*
+ * true when the path in use is one of the AVX-512 ones: the network's
+ * elementwise steps then take their AVX-512 forms too (the same bits).
+ */
+bool		osv_gemm_avx512(void);
 
 /* The panel width of the kernels in use: what a packed weight must be packed for. */
 int			osv_gemm_nr(void);

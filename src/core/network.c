@@ -30,6 +30,7 @@
 #endif
 #include "network.h"
 
+#include "activation.h"
 #include "gemm.h"
 #include "pool.h"
 
@@ -43,120 +44,12 @@
 /* eps of the MLPCentroid LayerNorm and GroupNorm: PyTorch's default. */
 #define MID_EPS 1e-5f
 
-/* ---- elementary functions ---------------------------------------------- */
-
-/*
- * exp(x) for x <= 0, within about 1 ulp of expf; 0 below -87.33 (results that
- * would be subnormal are flushed: they only ever weigh nothing in a softmax).
- * Branch-free so that loops over it vectorize.
- */
-static inline float
-exp_nonpos(float x)
-{
-	/* 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits */
-	const float shifter = 12582912.0f;
-	/*
-	 * Clamp to [-87.33, 0], written so that a NaN (from non-finite weights
-	 * or inputs) also lands on -87.33: the int conversion below is
-	 * undefined behaviour for NaN and for values out of range.
-	 */
-	float		xc = x >= -87.33f ? (x <= 0.0f ? x : 0.0f) : -87.33f;
-	float		n,
-				r,
-				p,
-				scale;
-	int32_t		bits;
-
-	n = (xc * 1.44269504f + shifter) - shifter;
-	/* Cody-Waite: ln 2 split so that n * ln2_hi is exact */
-	r = xc - n * 0.693145752f;
-	r = r - n * 1.42860677e-06f;
-	/* degree 6 fit of e^r on [-ln2/2, ln2/2], relative error 1.9e-9 */
-	p = 1.38294206e-03f;
-	p = p * r + 8.37477152e-03f;
-	p = p * r + 4.16683580e-02f;
-	p = p * r + 1.66664208e-01f;
-	p = p * r + 4.99999915e-01f;
-	p = p * r + 1.00000004e+00f;
-	p = p * r + 1.00000000e+00f;
-	/* 2^n built in the exponent field; n is in [-126, 0] after the clamp */
-	bits = ((int32_t) n + 127) << 23;
-	memcpy(&scale, &bits, sizeof(scale));
-	return x < -87.33f ? 0.0f : p * scale;
-}
-
-/*
- * erf(x) within about 1 ulp of erff, branch-free.  |x| < 1: x P(x^2);
- * 1 <= |x| < 3.92: 1 - exp(-x^2) Q(|x|), Q fitted for the absolute error of
- * erfc (what the ulp of a result in [0.84, 1) needs); beyond, erf rounds
- * to +-1 in float.
- */
-static inline float
-erf_approx(float x)
-{
-	float		a = fabsf(x);
-	float		a2 = a * a;
-	float		small,
-				large,
-				u,
-				q,
-				y;
-
-	/*
-	 * degree 6 fit of erf(x)/x in x^2 on [0, 1], relative error 1.4e-9,
-	 * written a + a R(a^2) so that the rounding errors of the polynomial
-	 * fall on the correction (an eighth of the result), not on the result
-	 */
-	small = 7.89821012e-05f;
-	small = small * a2 - 8.02435410e-04f;
-	small = small * a2 + 5.19005357e-03f;
-	small = small * a2 - 2.68548085e-02f;
-	small = small * a2 + 1.12836124e-01f;
-	small = small * a2 - 3.76126288e-01f;
-	small = small * a2 + 1.28379166e-01f;
-	small = a + a * small;
-
-	/* degree 8 fit of erfc(a) e^(a^2) in a - 2.465 on [1, 3.93] */
-	u = (a < 3.93f ? a : 3.93f) - 2.465f;
-	q = 1.023991777e-04f;
-	q = q * u + 1.709980597e-04f;
-	q = q * u + 4.427013177e-04f;
-	q = q * u - 8.117862175e-04f;
-	q = q * u + 2.422573772e-03f;
-	q = q * u - 8.448788772e-03f;
-	q = q * u + 2.579378928e-02f;
-	q = q * u - 7.611552179e-02f;
-	q = q * u + 2.134403576e-01f;
-	large = 1.0f - exp_nonpos(-(a < 3.93f ? a2 : 15.4449f)) * q;
-
-	y = a < 1.0f ? small : (a < 3.92f ? large : 1.0f);
-	return x < 0.0f ? -y : y;
-}
-
-/* Exact GELU, 0.5 x (1 + erf(x / sqrt 2)), in PyTorch's order of operations. */
-static inline float
-gelu_exact(float x)
-{
-	return x * 0.5f * (1.0f + erf_approx(x * 0.70710678f));
-}
-
-/* quick_gelu, x sigmoid(1.702 x); exp only of non-positive arguments. */
-static inline float
-gelu_quick(float x)
-{
-	float		z = 1.702f * x;
-	float		e = exp_nonpos(-fabsf(z));
-	float		sig = z >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
-
-	return x * sig;
-}
-
 /* y = erf(x) elementwise, the kernel GELU uses (for the tests). */
 void
 osv_vec_erf(float *y, const float *x, size_t n)
 {
 	for (size_t i = 0; i < n; i++)
-		y[i] = erf_approx(x[i]);
+		y[i] = osv_erf(x[i]);
 }
 
 /* y = exp(x) elementwise for x <= 0, the kernel softmax uses (for the tests). */
@@ -164,8 +57,50 @@ void
 osv_vec_exp(float *y, const float *x, size_t n)
 {
 	for (size_t i = 0; i < n; i++)
-		y[i] = exp_nonpos(x[i]);
+		y[i] = osv_exp_nonpos(x[i]);
 }
+/*
+ * fn (0 exp, 1 erf, 2 GELU, 3 quick_gelu) of n values through its AVX-512
+ * form, n a multiple of 16 (for the tests: the same bits as the scalar
+ * definitions); false, computing nothing, where the CPU has no AVX-512.
+ */
+#ifdef OSV_HAVE_AVX512_ACTIVATION
+static __attribute__((target("avx512f"))) void
+vec_avx512(int fn, float *y, const float *x, size_t n)
+{
+	for (size_t i = 0; i + 16 <= n; i += 16)
+	{
+		__m512		v = _mm512_loadu_ps(x + i);
+
+		v = fn == 0 ? osv_exp_nonpos16(v) : fn == 1 ? osv_erf16(v) :
+			fn == 2 ? osv_gelu16(v) : osv_quick_gelu16(v);
+		_mm512_storeu_ps(y + i, v);
+	}
+}
+#endif
+
+bool
+osv_vec_avx512(int fn, float *y, const float *x, size_t n)
+{
+#ifdef OSV_HAVE_AVX512_ACTIVATION
+	if (__builtin_cpu_supports("avx512f"))
+	{
+		vec_avx512(fn, y, x, n);
+		return true;
+	}
+#endif
+	return false;
+}
+
+/* The scalar definitions of the same functions. */
+void
+osv_vec_scalar(int fn, float *y, const float *x, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		y[i] = fn == 0 ? osv_exp_nonpos(x[i]) : fn == 1 ? osv_erf(x[i]) :
+			fn == 2 ? osv_gelu(x[i]) : osv_quick_gelu(x[i]);
+}
+
 /* ---- vectorizable kernels ---------------------------------------------- */
 
 /*
@@ -224,7 +159,7 @@ sum_squared_dev(const float *x, int n, float mean)
 
 /* y = (x - mean) / sqrt(var + eps) * w + b over n values; y may be x. */
 VECTOR_CLONES static void
-normalize(float *y, const float *x, int n, const float *w, const float *b,
+normalize_scalar(float *y, const float *x, int n, const float *w, const float *b,
 		  float eps)
 {
 	float		mean = sum_floats(x, n) / (float) n;
@@ -235,35 +170,17 @@ normalize(float *y, const float *x, int n, const float *w, const float *b,
 		y[i] = (x[i] - mean) * rstd * w[i] + b[i];
 }
 
-/* GroupNorm(4) of one vector of n values, in place: 4 groups of n / 4. */
-static void
-group_norm(float *x, int n, const float *w, const float *b)
-{
-	int			g = n / OSV_GROUPNORM_GROUPS;
-
-	for (int i = 0; i < OSV_GROUPNORM_GROUPS; i++)
-		normalize(x + i * g, x + i * g, g, w + i * g, b + i * g, MID_EPS);
-}
-
-/* Exact GELU over n values in place: the post-processing of fc1's product. */
+/* Exact GELU over n values in place (the branches; the blocks' is in fc1's epilogue). */
 VECTOR_CLONES static void
 gelu_row(float *x, int n)
 {
 	for (int i = 0; i < n; i++)
-		x[i] = gelu_exact(x[i]);
-}
-
-/* quick_gelu over n values in place. */
-VECTOR_CLONES static void
-quick_gelu_row(float *x, int n)
-{
-	for (int i = 0; i < n; i++)
-		x[i] = gelu_quick(x[i]);
+		x[i] = osv_gelu(x[i]);
 }
 
 /* Softmax of each of rows rows of n values, in place, max-subtracted. */
 VECTOR_CLONES static void
-softmax_rows(float *s, int rows, int n)
+softmax_rows_scalar(float *s, int rows, int n)
 {
 	for (int r = 0; r < rows; r++)
 	{
@@ -286,12 +203,173 @@ softmax_rows(float *s, int rows, int n)
 			m = lanes[j] > m ? lanes[j] : m;
 
 		for (i = 0; i < n; i++)
-			row[i] = exp_nonpos(row[i] - m);
+			row[i] = osv_exp_nonpos(row[i] - m);
 		/* the max itself gives exp(0) = 1, so the sum is >= 1 */
 		inv = 1.0f / sum_floats(row, n);
 		for (i = 0; i < n; i++)
 			row[i] *= inv;
 	}
+}
+
+#ifdef OSV_HAVE_AVX512_ACTIVATION
+/*
+ * The AVX-512 forms of normalize and softmax_rows, for the AVX-512 kernel
+ * paths: the scalar functions' operations in the same order (the LANES
+ * partial sums are the 16 lanes of one register, added to the tail's sum
+ * lane by lane at the end), so the same bits, without relying on what the
+ * compiler makes of the loops.
+ */
+#define NETWORK_AVX512 __attribute__((target("avx512f")))
+
+/* s + lanes 0, 1, ..., 15 of acc, in that order: the end of sum_floats. */
+static inline __attribute__((always_inline)) NETWORK_AVX512 float
+add_lanes(float s, __m512 acc)
+{
+	float		lanes[LANES];
+
+	_mm512_storeu_ps(lanes, acc);
+	for (int j = 0; j < LANES; j++)
+		s += lanes[j];
+	return s;
+}
+
+static NETWORK_AVX512 void
+normalize_avx512(float *y, const float *x, int n, const float *w, const float *b,
+				 float eps)
+{
+	int			full = n / LANES * LANES;
+	__m512		acc = _mm512_setzero_ps();
+	__m512		vmean,
+				vrstd;
+	float		s = 0.0f,
+				mean,
+				var,
+				rstd;
+	int			i;
+
+	for (i = 0; i < full; i += LANES)
+		acc = _mm512_add_ps(acc, _mm512_loadu_ps(x + i));
+	for (; i < n; i++)
+		s += x[i];
+	mean = add_lanes(s, acc) / (float) n;
+
+	vmean = _mm512_set1_ps(mean);
+	acc = _mm512_setzero_ps();
+	s = 0.0f;
+	for (i = 0; i < full; i += LANES)
+	{
+		__m512		dev = _mm512_sub_ps(_mm512_loadu_ps(x + i), vmean);
+
+		acc = _mm512_add_ps(acc, _mm512_mul_ps(dev, dev));
+	}
+	for (; i < n; i++)
+		s += (x[i] - mean) * (x[i] - mean);
+	var = add_lanes(s, acc) / (float) n;
+	rstd = 1.0f / sqrtf(var + eps);
+
+	vrstd = _mm512_set1_ps(rstd);
+	for (i = 0; i < full; i += LANES)
+		_mm512_storeu_ps(y + i,
+						 _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), vmean),
+																   vrstd),
+													 _mm512_loadu_ps(w + i)),
+									   _mm512_loadu_ps(b + i)));
+	for (; i < n; i++)
+		y[i] = (x[i] - mean) * rstd * w[i] + b[i];
+}
+
+static NETWORK_AVX512 void
+softmax_rows_avx512(float *s, int rows, int n)
+{
+	int			full = n / LANES * LANES;
+
+	for (int r = 0; r < rows; r++)
+	{
+		float	   *row = s + (size_t) r * n;
+		__m512		vmax = _mm512_set1_ps(-INFINITY),
+					acc = _mm512_setzero_ps(),
+					vm,
+					vinv;
+		float		lanes[LANES],
+					m = -INFINITY,
+					sum = 0.0f,
+					inv;
+		int			i;
+
+		/* the per-lane maxima, then the tail's and the lanes' in the scalar order */
+		for (i = 0; i < full; i += LANES)
+		{
+			__m512		v = _mm512_loadu_ps(row + i);
+
+			vmax = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, vmax, _CMP_GT_OQ), vmax, v);
+		}
+		for (; i < n; i++)
+			m = row[i] > m ? row[i] : m;
+		_mm512_storeu_ps(lanes, vmax);
+		for (int j = 0; j < LANES; j++)
+			m = lanes[j] > m ? lanes[j] : m;
+
+		/* exp and its sum in one pass: the same partial sums as sum_floats */
+		vm = _mm512_set1_ps(m);
+		for (i = 0; i < full; i += LANES)
+		{
+			__m512		e = osv_exp_nonpos16(_mm512_sub_ps(_mm512_loadu_ps(row + i), vm));
+
+			_mm512_storeu_ps(row + i, e);
+			acc = _mm512_add_ps(acc, e);
+		}
+		for (; i < n; i++)
+		{
+			row[i] = osv_exp_nonpos(row[i] - m);
+			sum += row[i];
+		}
+		inv = 1.0f / add_lanes(sum, acc);
+
+		vinv = _mm512_set1_ps(inv);
+		for (i = 0; i < full; i += LANES)
+			_mm512_storeu_ps(row + i, _mm512_mul_ps(_mm512_loadu_ps(row + i), vinv));
+		for (; i < n; i++)
+			row[i] *= inv;
+	}
+}
+#endif
+
+/* normalize, in the AVX-512 form when the kernels are AVX-512's. */
+static void
+normalize(float *y, const float *x, int n, const float *w, const float *b, float eps)
+{
+#ifdef OSV_HAVE_AVX512_ACTIVATION
+	if (osv_gemm_avx512())
+	{
+		normalize_avx512(y, x, n, w, b, eps);
+		return;
+	}
+#endif
+	normalize_scalar(y, x, n, w, b, eps);
+}
+
+/* softmax_rows, in the AVX-512 form when the kernels are AVX-512's. */
+static void
+softmax_rows(float *s, int rows, int n)
+{
+#ifdef OSV_HAVE_AVX512_ACTIVATION
+	if (osv_gemm_avx512())
+	{
+		softmax_rows_avx512(s, rows, n);
+		return;
+	}
+#endif
+	softmax_rows_scalar(s, rows, n);
+}
+
+/* GroupNorm(4) of one vector of n values, in place: 4 groups of n / 4. */
+static void
+group_norm(float *x, int n, const float *w, const float *b)
+{
+	int			g = n / OSV_GROUPNORM_GROUPS;
+
+	for (int i = 0; i < OSV_GROUPNORM_GROUPS; i++)
+		normalize(x + i * g, x + i * g, g, w + i * g, b + i * g, MID_EPS);
 }
 
 /* y[j] = dot(w row j, x) + bias[j] for j in [lo, hi); w is [n, k] row-major. */
@@ -386,12 +464,13 @@ matvec(float *y, const float *w, const float *x, const float *bias, int n, int k
 
 /*
  * A product with a PyTorch weight [n, k], matrix `packed` of the model's
- * pack cache: C (+)= A W^T + bias, then post, in the run's precision.
+ * pack cache: C (+)= A W^T + bias, then post, in the run's precision;
+ * a_packed when the previous product had the same A (osv_gemm.a_packed).
  */
 static void
 linear(osv_context *ctx, int m, const float *a, size_t lda, const float *w,
 	   int packed, int n, int k, const float *bias, bool accumulate, float *c,
-	   size_t ldc, void (*post) (float *, int))
+	   size_t ldc, osv_gemm_post post, bool a_packed)
 {
 	const osv_model *model = ctx->model;
 	/* int8 spares the patch embedding, the product with the pixels */
@@ -401,7 +480,7 @@ linear(osv_context *ctx, int m, const float *a, size_t lda, const float *w,
 	osv_gemm	g = {
 		.m = m,.n = n,.k = k,.a = a,.lda = lda,.b = w,.ldb = (size_t) k,
 		.b_is_nk = true,.alpha = 1.0f,.bias = bias,.accumulate = accumulate,
-		.c = c,.ldc = ldc,.post = post,
+		.c = c,.ldc = ldc,.post = post,.a_packed = a_packed,
 		.bf16 = precision == OSV_PRECISION_BF16,.int8 = precision == OSV_PRECISION_INT8
 	};
 
@@ -468,7 +547,7 @@ embed(osv_context *ctx, int b)
 		x[i] += model->class_embedding[i];
 	linear(ctx, ctx->tokens - 1, ctx->patches, ctx->patch_dim,
 		   model->patch_embedding, OSV_PACKED_PATCH, d, ctx->patch_dim, NULL, true,
-		   x + d, d, NULL);
+		   x + d, d, OSV_POST_NONE, false);
 }
 
 /*
@@ -562,24 +641,25 @@ block_forward(osv_context *ctx, int index, int images, bool last)
 	/* attention: x += out_proj(attn(layer_norm1(x))) */
 	layer_norm(ctx->xn, ctx->x, all, d, d, layer->layer_norm1_weight,
 			   layer->layer_norm1_bias, info->layer_norm_eps);
-	linear(ctx, rows, ctx->xn, ld, layer->q_proj_weight, OSV_PACKED_LINEAR(index, 0),
-		   d, d, layer->q_proj_bias, false, ctx->q, ld, NULL);
+	/* keys and values first, then the queries: all three from one packing of A but in the last block */
 	linear(ctx, all, ctx->xn, d, layer->k_proj_weight, OSV_PACKED_LINEAR(index, 1),
-		   d, d, layer->k_proj_bias, false, ctx->k, d, NULL);
+		   d, d, layer->k_proj_bias, false, ctx->k, d, OSV_POST_NONE, false);
 	linear(ctx, all, ctx->xn, d, layer->v_proj_weight, OSV_PACKED_LINEAR(index, 2),
-		   d, d, layer->v_proj_bias, false, ctx->v, d, NULL);
+		   d, d, layer->v_proj_bias, false, ctx->v, d, OSV_POST_NONE, true);
+	linear(ctx, rows, ctx->xn, ld, layer->q_proj_weight, OSV_PACKED_LINEAR(index, 0),
+		   d, d, layer->q_proj_bias, false, ctx->q, ld, OSV_POST_NONE, !last);
 	osv_pool_run(attention_step_fn, &att);
 	linear(ctx, rows, ctx->attn, ld, layer->out_proj_weight, OSV_PACKED_LINEAR(index, 3),
-		   d, d, layer->out_proj_bias, true, ctx->x, ld, NULL);
+		   d, d, layer->out_proj_bias, true, ctx->x, ld, OSV_POST_NONE, false);
 
 	/* MLP: x += fc2(act(fc1(layer_norm2(x)))) */
 	layer_norm(ctx->xn, ctx->x, rows, ld, d, layer->layer_norm2_weight,
 			   layer->layer_norm2_bias, info->layer_norm_eps);
 	linear(ctx, rows, ctx->xn, ld, layer->fc1_weight, OSV_PACKED_LINEAR(index, 4),
 		   f, d, layer->fc1_bias, false, ctx->ffn_buf, ldf,
-		   info->hidden_act == OSV_ACT_QUICK_GELU ? quick_gelu_row : gelu_row);
+		   info->hidden_act == OSV_ACT_QUICK_GELU ? OSV_POST_QUICK_GELU : OSV_POST_GELU, false);
 	linear(ctx, rows, ctx->ffn_buf, ldf, layer->fc2_weight, OSV_PACKED_LINEAR(index, 5),
-		   d, f, layer->fc2_bias, true, ctx->x, ld, NULL);
+		   d, f, layer->fc2_bias, true, ctx->x, ld, OSV_POST_NONE, false);
 }
 
 /* ---- the MLP branches and the head -------------------------------------- */

@@ -79,4 +79,12 @@ void		osv_network_cell_point(const osv_context *ctx, int b, int cell,
 void		osv_vec_erf(float *y, const float *x, size_t n);	/* ~1 ulp of erff */
 void		osv_vec_exp(float *y, const float *x, size_t n);	/* x <= 0 only */
 
+/*
+ * Function fn (0 exp for x <= 0, 1 erf, 2 GELU, 3 quick_gelu) of n values:
+ * the scalar definitions, and their AVX-512 forms (n a multiple of 16;
+ * false where the CPU has no AVX-512).
+ */
+void		osv_vec_scalar(int fn, float *y, const float *x, size_t n);
+bool		osv_vec_avx512(int fn, float *y, const float *x, size_t n);
+
 #endif							/* OSV5M_NETWORK_H */

@@ -13,6 +13,7 @@
  *     give exactly these bits, on every thread count, through both the
  *     threaded and the serial entry points.
  */
+#include "activation.h"
 #include "gemm.h"
 #include "pool.h"
 #include "blas.h"
@@ -34,11 +35,26 @@ uniform(void)
 	return (float) ((double) (rng_state >> 11) / 9007199254740992.0 * 2.0 - 1.0);
 }
 
+/* g's post on the n values of a row: the scalar definitions (activation.h). */
 static void
-post_square(float *row, int n)
+apply_post(const osv_gemm *g, float *row, int n)
 {
 	for (int i = 0; i < n; i++)
-		row[i] = row[i] * row[i];
+		if (g->post == OSV_POST_GELU)
+			row[i] = osv_gelu(row[i]);
+		else if (g->post == OSV_POST_QUICK_GELU)
+			row[i] = osv_quick_gelu(row[i]);
+}
+
+/* g's post of v in double precision, from libm. */
+static double
+post_double(const osv_gemm *g, double v)
+{
+	if (g->post == OSV_POST_GELU)
+		return 0.5 * v * (1.0 + erf(v / sqrt(2.0)));
+	if (g->post == OSV_POST_QUICK_GELU)
+		return v / (1.0 + exp(-1.702 * v));
+	return v;
 }
 
 /* B(k, j) of g. */
@@ -70,8 +86,7 @@ expected_bits(const osv_gemm *g, const float *c_before, float *out)
 				v = c_before[(size_t) i * g->ldc + j] + v;
 			out[(size_t) i * g->ldc + j] = v;
 		}
-		if (g->post != NULL)
-			g->post(out + (size_t) i * g->ldc, g->n);
+		apply_post(g, out + (size_t) i * g->ldc, g->n);
 	}
 }
 
@@ -108,11 +123,15 @@ error_vs_double(const osv_gemm *g, const float *c_before, const float *c)
 				v += c_before[(size_t) i * g->ldc + j];
 				mag += fabs(c_before[(size_t) i * g->ldc + j]);
 			}
-			if (g->post != NULL)
+			if (g->post != OSV_POST_NONE)
 			{
-				/* post squares: the bound scales with 2 |v| */
-				mag *= 2.0 * fabs(v) + 1.0;
-				v = v * v;
+				/*
+				 * both activations have slopes below 1.13, so the sum's
+				 * error carries over scaled by that; plus their own error,
+				 * a few ulps of v (8 of them, counted in mag)
+				 */
+				mag = mag * 1.13 + 8.0 * fabs(v);
+				v = post_double(g, v);
 			}
 			/* a k-term float sum: at most about (k + 3) eps of the magnitudes */
 			bound = (g->k + 4) * 1.2e-7 * mag + 1e-30;
@@ -144,8 +163,7 @@ relative_vs_openblas(const osv_gemm *g, const float *c_before, const float *c)
 			if (g->accumulate)
 				*v = c_before[(size_t) i * g->ldc + j] + *v;
 		}
-		if (g->post != NULL)
-			g->post(t + (size_t) i * g->n, g->n);
+		apply_post(g, t + (size_t) i * g->n, g->n);
 		for (int j = 0; j < g->n; j++)
 		{
 			double		d = fabs((double) c[(size_t) i * g->ldc + j] - t[(size_t) i * g->n + j]);
@@ -205,8 +223,7 @@ expected_bits_bf16(const osv_gemm *g, const float *c_before, float *out)
 				v = c_before[(size_t) i * g->ldc + j] + v;
 			out[(size_t) i * g->ldc + j] = v;
 		}
-		if (g->post != NULL)
-			g->post(out + (size_t) i * g->ldc, g->n);
+		apply_post(g, out + (size_t) i * g->ldc, g->n);
 	}
 }
 
@@ -291,7 +308,7 @@ check_bf16(osv_gemm g, const float *c0, float *want, float *c, float *packed, fl
 	check_every_path(&g, c0, want, c, packed, scratch, what);
 
 	/* against the float32 product, before any epilogue */
-	if (g.alpha == 1.0f && g.bias == NULL && !g.accumulate && g.post == NULL)
+	if (g.alpha == 1.0f && g.bias == NULL && !g.accumulate && g.post == OSV_POST_NONE)
 		for (int i = 0; i < g.m; i++)
 			for (int j = 0; j < g.n; j++)
 			{
@@ -364,8 +381,7 @@ expected_bits_int8(const osv_gemm *g, const float *c_before, float *out, float *
 				v = c_before[(size_t) i * g->ldc + j] + v;
 			out[(size_t) i * g->ldc + j] = v;
 		}
-		if (g->post != NULL)
-			g->post(out + (size_t) i * g->ldc, g->n);
+		apply_post(g, out + (size_t) i * g->ldc, g->n);
 	}
 	free(a_largest);
 	free(b_largest);
@@ -390,7 +406,7 @@ check_int8(osv_gemm g, const float *c0, float *want, float *c, float *packed, fl
 	expected_bits_int8(&g, c0, want, a_scale, b_scale);
 	check_every_path(&g, c0, want, c, packed, scratch, what);
 
-	if (g.alpha == 1.0f && g.bias == NULL && !g.accumulate && g.post == NULL)
+	if (g.alpha == 1.0f && g.bias == NULL && !g.accumulate && g.post == OSV_POST_NONE)
 		for (int i = 0; i < g.m; i++)
 			for (int j = 0; j < g.n; j++)
 			{
@@ -415,7 +431,7 @@ check_int8(osv_gemm g, const float *c0, float *want, float *c, float *packed, fl
 }
 
 static void
-check_shape(int m, int n, int k, bool nk, bool bias, bool accumulate, bool post,
+check_shape(int m, int n, int k, bool nk, bool bias, bool accumulate, osv_gemm_post post,
 			float alpha)
 {
 	size_t		lda = (size_t) k + 3,
@@ -432,7 +448,7 @@ check_shape(int m, int n, int k, bool nk, bool bias, bool accumulate, bool post,
 	osv_gemm	g = {
 		.m = m,.n = n,.k = k,.a = a,.lda = lda,.b = b,.ldb = ldb,.b_is_nk = nk,
 		.alpha = alpha,.bias = bias ? bv : NULL,.accumulate = accumulate,
-		.c = c,.ldc = ldc,.post = post ? post_square : NULL
+		.c = c,.ldc = ldc,.post = post
 	};
 	osv_error	err;
 	char		what[160];
@@ -450,7 +466,8 @@ check_shape(int m, int n, int k, bool nk, bool bias, bool accumulate, bool post,
 	expected_bits(&g, c0, want);
 	snprintf(what, sizeof(what), "m=%d n=%d k=%d %s%s%s%s alpha=%g", m, n, k,
 			 nk ? "[n,k]" : "[k,n]", bias ? " bias" : "", accumulate ? " accumulate" : "",
-			 post ? " post" : "", alpha);
+			 post == OSV_POST_GELU ? " gelu" : post == OSV_POST_QUICK_GELU ? " quick_gelu" : "",
+			 alpha);
 
 	for (int path = OSV_KERNELS_AVX512; path <= OSV_KERNELS_PORTABLE; path++)
 	{
@@ -566,15 +583,17 @@ main(void)
 				int			v = (int) (mi + ni + ki);
 
 				check_shape(ms[mi], ns[ni], ks[ki], v % 2 == 0, v % 3 != 0, v % 4 < 2,
-							v % 5 == 0, v % 7 == 0 ? 0.125f : 1.0f);
+							v % 5 == 0 ? OSV_POST_GELU : v % 5 == 1 ? OSV_POST_QUICK_GELU : OSV_POST_NONE,
+							v % 7 == 0 ? 0.125f : 1.0f);
 				shapes++;
 			}
 	/* the model's own shapes, one of each kind */
-	check_shape(257, 1024, 1024, true, true, true, false, 1.0f);
-	check_shape(4, 96, 4096, true, true, false, true, 1.0f);
-	check_shape(257, 257, 64, true, false, false, false, 0.125f);
-	check_shape(257, 64, 257, false, false, false, false, 1.0f);
-	printf("%d shapes on every kernel path this CPU runs, 1 to 3 threads and serial\n", shapes + 4);
+	check_shape(257, 1024, 1024, true, true, true, OSV_POST_NONE, 1.0f);
+	check_shape(4, 96, 4096, true, true, false, OSV_POST_GELU, 1.0f);
+	check_shape(4, 96, 4096, true, true, false, OSV_POST_QUICK_GELU, 1.0f);
+	check_shape(257, 257, 64, true, false, false, OSV_POST_NONE, 0.125f);
+	check_shape(257, 64, 257, false, false, false, OSV_POST_NONE, 1.0f);
+	printf("%d shapes on every kernel path this CPU runs, 1 to 3 threads and serial\n", shapes + 5);
 	osv_pool_prepare(1, 0, &err);
 	return check_summary("test_gemm");
 }

@@ -3,6 +3,10 @@
  * (network.c) over dense sweeps of float bit patterns, against libm's
  * double-precision erf and exp (the correctly rounded value within a
  * fraction of an ulp).  Errors are measured in ulps of the float result.
+ * And the AVX-512 forms of exp, erf, GELU and quick_gelu (activation.h),
+ * which the products' epilogue and the network use on AVX-512 CPUs,
+ * against the scalar definitions: the same bits for every float, NaNs,
+ * infinities and subnormals included (every 61st bit pattern, 70 million).
  */
 #include "network.h"
 
@@ -67,6 +71,47 @@ sweep(void (*fn) (float *, const float *, size_t), double (*ref) (double),
 	return worst;
 }
 
+/* Of the floats with bit patterns 0, 61, 122, ... (*tested of them), those where the AVX-512 form of fn differs from the scalar. */
+static long
+vector_mismatches(int fn, float *first, long *tested)
+{
+	enum
+	{
+		BATCH = 1 << 16
+	};
+	float	   *x = malloc(BATCH * sizeof(float));
+	float	   *scalar = malloc(BATCH * sizeof(float));
+	float	   *vector = malloc(BATCH * sizeof(float));
+	long		bad = 0;
+	uint64_t	bits = 0;
+
+	*tested = 0;
+	while (bits <= UINT32_MAX)
+	{
+		for (int i = 0; i < BATCH; i++)
+		{
+			uint32_t	b = (uint32_t) bits;
+
+			memcpy(&x[i], &b, sizeof(float));
+			/* the last batch is padded with the last pattern */
+			if (bits + 61 <= UINT32_MAX)
+				bits += 61;
+			else if (i == BATCH - 1)
+				bits = (uint64_t) UINT32_MAX + 1;
+		}
+		*tested += BATCH;
+		osv_vec_scalar(fn, scalar, x, BATCH);
+		osv_vec_avx512(fn, vector, x, BATCH);
+		for (int i = 0; i < BATCH; i++)
+			if (memcmp(&scalar[i], &vector[i], sizeof(float)) != 0 && bad++ == 0)
+				*first = x[i];
+	}
+	free(x);
+	free(scalar);
+	free(vector);
+	return bad;
+}
+
 int
 main(void)
 {
@@ -103,6 +148,28 @@ main(void)
 		osv_vec_exp(y, xe, 4);
 		CHECK(y[0] == 1.0f && y[1] == 0.0f && y[2] == 0.0f && y[3] == 0.0f,
 			  "exp edges %g %g %g %g", y[0], y[1], y[2], y[3]);
+	}
+
+	/* the AVX-512 forms against the scalar definitions */
+	{
+		static const char *const names[] = {"exp", "erf", "gelu", "quick_gelu"};
+		float		probe[16] = {0},
+					out[16];
+
+		if (!osv_vec_avx512(0, out, probe, 16))
+			printf("no AVX-512 on this CPU: the vector forms are not run\n");
+		else
+			for (int fn = 0; fn < 4; fn++)
+			{
+				float		first = 0.0f;
+				long		tested;
+				long		bad = vector_mismatches(fn, &first, &tested);
+
+				printf("%s: AVX-512 form and scalar definition on %ld floats, %ld differ\n",
+					   names[fn], tested, bad);
+				CHECK(bad == 0, "%s: the AVX-512 form differs from the scalar on %ld floats, first %.9g",
+					  names[fn], bad, first);
+			}
 	}
 	return check_summary("test_kernels");
 }
